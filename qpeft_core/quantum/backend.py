@@ -1,0 +1,132 @@
+"""The executor protocol: the one seam between training code and wherever circuits run.
+
+Every executor is bound to one ansatz and answers `probabilities(thetas [B, P], shots)` with the
+probabilities of all 2^n basis states (qubit q = bit q of the index, see ansatz.py) and a `Usage`
+record of what the call cost. Swapping a real QPU for a simulator means swapping the executor, nothing
+else.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import NamedTuple, Protocol, runtime_checkable
+
+import torch
+
+from . import simulator
+from .ansatz import Ansatz
+
+
+@dataclass
+class Usage:
+    """What one call (or, summed, many calls) cost."""
+
+    backend: str
+    circuits: int = 0  # parameter sets executed (one circuit each)
+    shots: int = 0  # circuits x shots for shot-based calls, 0 for exact ones
+    wall_s: float = 0.0
+    qpu_s: float | None = None  # as reported by the provider (IBM usage); None where nothing reports it
+    qpu_s_estimated: float | None = None  # from the device's timing, where known
+    job_ids: list[str] = field(default_factory=list)
+
+    def __add__(self, other: Usage) -> Usage:
+        def opt_sum(a, b):
+            return None if a is None and b is None else (a or 0.0) + (b or 0.0)
+
+        return Usage(
+            backend=self.backend if self.backend == other.backend else f"{self.backend}+{other.backend}",
+            circuits=self.circuits + other.circuits,
+            shots=self.shots + other.shots,
+            wall_s=self.wall_s + other.wall_s,
+            qpu_s=opt_sum(self.qpu_s, other.qpu_s),
+            qpu_s_estimated=opt_sum(self.qpu_s_estimated, other.qpu_s_estimated),
+            job_ids=self.job_ids + other.job_ids,
+        )
+
+
+class ExecutionResult(NamedTuple):
+    probs: torch.Tensor  # [B, 2^n], float64 for shot counts, the input dtype for exact simulation
+    usage: Usage
+
+
+@runtime_checkable
+class QuantumBackend(Protocol):
+    """Runs one ansatz for many parameter sets per call."""
+
+    ansatz: Ansatz
+    name: str
+    exact: bool  # True when shots=None gives exact probabilities
+    max_qubits: int | None
+
+    def probabilities(self, thetas: torch.Tensor, shots: int | None = None) -> ExecutionResult: ...
+
+
+def check_call(backend: QuantumBackend, thetas, shots) -> torch.Tensor:
+    """Validate the arguments every executor takes; returns thetas as [B, P]."""
+    a = backend.ansatz
+    if not torch.is_tensor(thetas):
+        thetas = torch.as_tensor(thetas, dtype=torch.float64)
+    if thetas.dim() == 1:
+        thetas = thetas.unsqueeze(0)
+    if thetas.dim() != 2 or thetas.shape[1] != a.n_params:
+        raise ValueError(
+            f"thetas must have shape [B, {a.n_params}] (the {a.family} ansatz on {a.n_qubits} qubits "
+            f"has {a.n_params} angles), got {tuple(thetas.shape)}"
+        )
+    if shots is not None and (isinstance(shots, bool) or not isinstance(shots, int) or shots <= 0):
+        raise ValueError(f"shots must be a positive int or None (exact), got {shots!r}")
+    if shots is None and not backend.exact:
+        raise ValueError(f"shots=None asks for exact probabilities, which {backend.name} cannot give")
+    return thetas
+
+
+def check_qubits(ansatz: Ansatz, max_qubits: int | None, where: str):
+    if max_qubits is not None and ansatz.n_qubits > max_qubits:
+        raise ValueError(
+            f"the ansatz needs {ansatz.n_qubits} qubits but {where} has {max_qubits}: "
+            "use fewer qubits (a larger n_mlp) or a larger device"
+        )
+
+
+def sample_counts(probs: torch.Tensor, shots: int, generator: torch.Generator) -> torch.Tensor:
+    """Multinomial estimate of `probs` [B, 2^n] from `shots` samples per row, as frequencies."""
+    p = probs.detach().to(torch.float64).clamp_min(0)
+    idx = torch.multinomial(p, shots, replacement=True, generator=generator)
+    counts = torch.zeros_like(p).scatter_add_(1, idx, torch.ones_like(idx, dtype=p.dtype))
+    return counts / shots
+
+
+class TorchBackend:
+    """Exact statevector simulation with the fast torch simulator; with shots, sampled (seeded).
+
+    `device` and `dtype` pick where and in what precision it simulates (CPU or CUDA, float32/float64).
+    """
+
+    exact = True
+    max_qubits = 30
+
+    def __init__(self, ansatz: Ansatz, device: str | torch.device = "cpu", dtype=torch.float32, seed=0):
+        check_qubits(ansatz, self.max_qubits, "the torch simulator")
+        self.ansatz, self.device, self.dtype = ansatz, torch.device(device), dtype
+        self.name = "exact"
+        self.generator = torch.Generator(device="cpu").manual_seed(seed)
+
+    def exact_probabilities(self, thetas: torch.Tensor) -> torch.Tensor:
+        """Differentiable exact probabilities (autograd through the adjoint simulator)."""
+        return simulator.probabilities(self.ansatz, thetas.to(self.device, self.dtype))
+
+    def probabilities(self, thetas, shots=None) -> ExecutionResult:
+        thetas = check_call(self, thetas, shots)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            probs = self.exact_probabilities(thetas)
+        if shots is not None:
+            probs = sample_counts(probs.cpu(), shots, self.generator).to(self.device)
+        usage = Usage(
+            self.name,
+            circuits=thetas.shape[0],
+            shots=0 if shots is None else shots * thetas.shape[0],
+            wall_s=time.perf_counter() - t0,
+        )
+        return ExecutionResult(probs, usage)
