@@ -1,0 +1,81 @@
+"""QPA's configuration (DESIGN.md 1a)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from ..config import AdapterConfig
+
+ACTIVATIONS = ("gelu", "relu", "silu", "tanh", "none")
+CHOICES = {
+    "entangler": ("ladder", "ring"),
+    "bit_features": ("index", "random"),
+    "gradient": ("auto", "autograd", "parameter_shift", "spsa"),
+    "quantum_grad": ("per_backward", "per_step"),
+    "mapping": ("default", "reference"),
+    "activation": ACTIVATIONS,
+}
+
+
+@dataclass
+class QPAConfig(AdapterConfig):
+    """Quantum Parameter Adaptation: a QNN + mapping MLP generate the LoRA factors of all targets at once.
+
+    r, lora_alpha: the generated LoRA's rank and scaling (Delta W = B A * lora_alpha / r).
+    n_mlp: generated parameters per basis state; B = ceil(m / n_mlp) states, N = ceil(log2 B) qubits.
+    qnn_depth, entangler: the QNN's L blocks of [RY on every qubit, CNOT ladder (or ring)].
+    mapping_widths, activation: hidden widths of the mapping MLP and the nonlinearity between its layers
+        ("none" is the reference's purely linear stack).
+    bit_features: "index" feeds the N bits of each state's index as +-1; "random" re-draws them every call,
+        as the reference code does.
+    gamma, beta, alpha: post-processing p~ = (beta tanh(gamma 2^(N-1) p))^alpha - mean.
+    executor, executor_options: where circuits run, a spec for qpeft_core.quantum.registry.make_backend.
+    gradient, shots: the gradient strategy ("auto": autograd when exact, else parameter-shift); None = exact.
+    quantum_grad: "per_backward" pushes dL/dtheta at every backward (plain loops work); "per_step" once per
+        optimizer step from the accumulated dL/dp, in the `before_optimizer_step()` hook.
+    mapping: "default" adds one learnable gate per target on B, started at 0, so Delta W = 0 at init;
+        "reference" has exactly the reference's parameters (N L angles + MLP) and starts near zero instead
+        by scaling the MLP's last layer at init by 1e-3.
+    """
+
+    method: ClassVar[str] = "qpa"
+    r: int = 4
+    lora_alpha: float = 8.0
+    n_mlp: int = 2048
+    qnn_depth: int = 8
+    entangler: str = "ladder"
+    mapping_widths: list[int] = field(default_factory=lambda: [32, 64, 128, 128, 64, 32, 32])
+    activation: str = "gelu"
+    bit_features: str = "index"
+    gamma: float = 0.1
+    beta: float = 0.6
+    alpha: float = 0.15
+    executor: str = "exact"
+    executor_options: dict = field(default_factory=dict)
+    gradient: str = "auto"
+    shots: int | None = None
+    quantum_grad: str = "per_backward"
+    seed: int = 0
+    mapping: str = "default"
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.mapping_widths = list(self.mapping_widths)
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"QPAConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        for name in ("r", "n_mlp", "qnn_depth"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"QPAConfig.{name} must be a positive int, got {v!r}")
+        if self.shots is not None and (
+            isinstance(self.shots, bool) or not isinstance(self.shots, int) or self.shots < 1
+        ):
+            raise ValueError(f"QPAConfig.shots must be a positive int or None (exact), got {self.shots!r}")
+        if self.gradient == "autograd" and self.shots is not None:
+            raise ValueError(
+                "QPAConfig.gradient='autograd' needs shots=None; use 'parameter_shift' or 'spsa' with shots"
+            )
+        if not all(isinstance(w, int) and w > 0 for w in self.mapping_widths):
+            raise ValueError(f"QPAConfig.mapping_widths must be positive ints, got {self.mapping_widths}")

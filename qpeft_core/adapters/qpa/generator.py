@@ -1,0 +1,78 @@
+"""QPA's classical half: post-processing of the QNN's probabilities and the mapping MLP.
+
+Given the probabilities p of all 2^N basis states, basis state i (i < B) contributes the feature row
+[N bits of i as +-1, p~_i]; the MLP turns each row into n_mlp numbers; the B x n_mlp block, flattened,
+truncated to m and mean-subtracted, is the generated parameter vector.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+ACTIVATION_MODULES = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh, "none": None}
+# x^alpha has an infinite slope at 0; states a shot-based executor never saw (p = 0) get a zero gradient instead
+POW_FLOOR = 1e-12
+
+
+def plan(m: int, n_mlp: int) -> tuple[int, int]:
+    """(B basis states, N qubits) to generate m parameters, n_mlp per state."""
+    n_states = math.ceil(m / n_mlp)
+    return n_states, max(1, math.ceil(math.log2(n_states)))
+
+
+class QPAGenerator(nn.Module):
+    """The QNN angles (`theta`, N * L of them) and the mapping MLP; `forward(p)` -> [m] parameters."""
+
+    def __init__(
+        self,
+        m: int,
+        n_mlp: int,
+        layers: int,
+        widths: list[int],
+        activation: str = "gelu",
+        bit_features: str = "index",
+        gamma: float = 0.1,
+        beta: float = 0.6,
+        alpha: float = 0.15,
+        last_layer_scale: float = 1.0,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.m, self.n_mlp = m, n_mlp
+        self.n_states, self.n_qubits = plan(m, n_mlp)
+        self.gamma, self.beta, self.alpha, self.bit_features = gamma, beta, alpha, bit_features
+        n = self.n_qubits
+        with torch.random.fork_rng(devices=[]):  # seeded init that leaves the caller's RNG alone
+            torch.manual_seed(seed)
+            self.theta = nn.Parameter(torch.rand(n * layers) * 2 * math.pi)
+            sizes = [n + 1, *widths, n_mlp]
+            mods = []
+            for k, (a, b) in enumerate(zip(sizes, sizes[1:], strict=False)):
+                mods.append(nn.Linear(a, b))
+                if ACTIVATION_MODULES[activation] is not None and k < len(sizes) - 2:
+                    mods.append(ACTIVATION_MODULES[activation]())
+            self.mlp = nn.Sequential(*mods)
+        with torch.no_grad():
+            self.mlp[-1].weight.mul_(last_layer_scale)
+            self.mlp[-1].bias.mul_(last_layer_scale)
+        index = torch.arange(self.n_states)[:, None] >> torch.arange(n)  # qubit q = bit q of the index
+        self.register_buffer("bits", (index & 1).float() * 2 - 1, persistent=False)
+        self.rng = torch.Generator().manual_seed(seed)  # for bit_features="random"
+
+    def features(self, probs: torch.Tensor) -> torch.Tensor:
+        """[B, N + 1] MLP inputs from the probabilities [2^N] of every basis state."""
+        x = self.beta * torch.tanh(self.gamma * 2 ** (self.n_qubits - 1) * probs)
+        x = x.clamp_min(POW_FLOOR) ** self.alpha
+        x = (x - x.mean())[: self.n_states]
+        if self.bit_features == "random":
+            bits = torch.randint(0, 2, self.bits.shape, generator=self.rng).to(x) * 2 - 1
+        else:
+            bits = self.bits.to(x)
+        return torch.cat([bits, x[:, None]], 1)
+
+    def forward(self, probs: torch.Tensor) -> torch.Tensor:
+        out = self.mlp(self.features(probs).to(self.mlp[0].weight.dtype)).flatten()[: self.m]
+        return out - out.mean()

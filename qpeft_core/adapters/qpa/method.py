@@ -1,0 +1,156 @@
+"""QPA as an adapter method: one QNN + mapping MLP generating the LoRA factors of every target.
+
+The QNN runs once per set of angles, not once per forward. Its probabilities are kept as a leaf tensor
+`probs` (requires_grad) for the angles they came from (keyed by the angle tensor's version counter, which
+the optimizer's in-place update bumps); each forward maps `probs` to factors classically. dL/dtheta is a
+vector-Jacobian product against dL/dprobs, linear in it, so it can be taken at every backward (a hook on
+`probs`; plain `loss.backward(); opt.step()` loops just work) or once per optimizer step from the
+accumulated `probs.grad` (`before_optimizer_step()`; one QNN forward and one gradient call per step
+whatever the gradient-accumulation count). A data-parallel trainer all-reduces `probs.grad` before that
+hook, so only one replica needs to talk to the QPU.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ...quantum.ansatz import qpa_ansatz
+from ...quantum.backend import Usage
+from ...quantum.gradients import QNN
+from ..model import AdapterMethod
+from .generator import QPAGenerator
+
+REFERENCE_LAST_LAYER_SCALE = 1e-3  # mapping="reference": start near Delta W = 0 without an extra parameter
+
+
+class QPAMethod(AdapterMethod):
+    def __init__(self, config, targets):
+        super().__init__(config, targets)
+        r = config.r
+        self.m = sum(r * (t.d_in + t.d_out) for t in targets.values())
+        self.generator = QPAGenerator(
+            self.m,
+            config.n_mlp,
+            config.qnn_depth,
+            config.mapping_widths,
+            activation=config.activation,
+            bit_features=config.bit_features,
+            gamma=config.gamma,
+            beta=config.beta,
+            alpha=config.alpha,
+            last_layer_scale=REFERENCE_LAST_LAYER_SCALE if config.mapping == "reference" else 1.0,
+            seed=config.seed,
+        )
+        # LoRA starts at B = 0; here B comes out of the same MLP as A, so a per-target gate on B does that job
+        self.gate = nn.Parameter(torch.zeros(len(targets))) if config.mapping == "default" else None
+        self.scaling = config.lora_alpha / r
+        self.ansatz = qpa_ansatz(self.generator.n_qubits, config.qnn_depth, config.entangler)
+        self.quantum_grad = config.quantum_grad
+        self.usage = Usage(config.executor)
+        self.calls = {"forward": 0, "gradient": 0}  # executor calls made by this method
+        self._qnn, self._qnn_auto = None, True
+        self.probs, self._probs_key, self._probs_theta = None, None, None
+
+    @property
+    def n_qubits(self) -> int:
+        return self.generator.n_qubits
+
+    # --- the executor ------------------------------------------------------------------------------
+    @property
+    def qnn(self) -> QNN:
+        """Built on first use; the exact simulator follows the angles' device."""
+        device = self.generator.theta.device
+        if self._qnn is None or (self._qnn_auto and self.config.executor == "exact" and self._qnn_device != device):
+            from ...quantum.registry import make_backend
+
+            opts = {"seed": self.config.seed, **self.config.executor_options}
+            if self.config.executor == "exact":
+                opts = {"device": device, "dtype": torch.float64, **opts}
+            self._qnn = QNN(
+                make_backend(self.config.executor, self.ansatz, **opts), self.config.gradient, self.config.shots
+            )
+            self._qnn_device, self._qnn_auto = device, True
+        return self._qnn
+
+    def set_backend(self, backend) -> None:
+        """Run circuits on `backend` (any QuantumBackend for this method's `ansatz`), e.g. a remote pool."""
+        if backend.ansatz.n_qubits != self.n_qubits or backend.ansatz.n_params != self.ansatz.n_params:
+            raise ValueError(f"backend runs a different circuit than this QPA's {self.ansatz.family} ansatz")
+        self._qnn, self._qnn_auto = QNN(backend, self.config.gradient, self.config.shots), False
+
+    # --- quantum forward and gradient --------------------------------------------------------------
+    def _key(self):
+        theta = self.generator.theta
+        return theta.data_ptr(), theta._version
+
+    def quantum_probs(self) -> torch.Tensor:
+        """The leaf `probs` [2^N] for the current angles; runs the executor only when the angles changed."""
+        theta = self.generator.theta
+        if (
+            self.probs is not None
+            and self._probs_key != self._key()
+            and torch.equal(self._probs_theta, theta.detach().to(self._probs_theta.device))
+        ):
+            self._set_probs(self.probs)  # same angles in a new tensor (.to(), load): keep the measured p
+        if self.probs is None or self._probs_key != self._key():
+            qnn = self.qnn
+            with torch.no_grad():
+                probs, usage = qnn.backend.probabilities(theta.detach()[None], qnn.shots)
+            self.usage, self.calls["forward"] = self.usage + usage, self.calls["forward"] + 1
+            self._set_probs(probs[0])
+        return self.probs
+
+    def _set_probs(self, probs: torch.Tensor) -> None:
+        theta = self.generator.theta
+        p = probs.detach().to(theta.device, torch.float32).clone().requires_grad_(True)
+        p.register_hook(self._on_probs_grad)
+        self.probs, self._probs_key, self._probs_theta = p, self._key(), theta.detach().clone()
+
+    def _on_probs_grad(self, grad):
+        if self.quantum_grad == "per_backward":
+            self._push_theta_grad(grad)
+
+    def _push_theta_grad(self, grad_probs: torch.Tensor) -> None:
+        theta = self.generator.theta
+        if not theta.requires_grad:
+            return
+        qnn = self.qnn
+        g, usage = qnn.strategy.vjp(qnn.backend, theta.detach()[None], grad_probs.detach()[None], qnn.shots)
+        self.usage, self.calls["gradient"] = self.usage + usage, self.calls["gradient"] + 1
+        g = g[0].to(theta.device, theta.dtype)
+        theta.grad = g if theta.grad is None else theta.grad + g
+
+    def before_optimizer_step(self) -> None:
+        p = self.probs
+        if p is None or p.grad is None:
+            return
+        if self.quantum_grad == "per_step":
+            self._push_theta_grad(p.grad)
+        p.grad = None
+
+    # --- the contract ------------------------------------------------------------------------------
+    def factors(self):
+        flat = self.generator(self.quantum_probs())
+        out, i, r = {}, 0, self.config.r
+        for k, t in enumerate(self.targets.values()):
+            a = flat[i : i + r * t.d_in].view(r, t.d_in)
+            i += r * t.d_in
+            b = flat[i : i + t.d_out * r].view(t.d_out, r)
+            i += t.d_out * r
+            out[t.name] = (a, b * (self.scaling if self.gate is None else self.scaling * self.gate[k]))
+        return out
+
+    def extra_state(self):
+        # the probabilities in use, so a loaded adapter reproduces outputs exactly (also after shot noise)
+        # and inference after loading needs no executor
+        return {"probs": self.quantum_probs().detach()}
+
+    def load_extra_state(self, state):
+        probs = state.get("probs")
+        if set(state) != {"probs"} or probs is None or tuple(probs.shape) != (self.ansatz.dim,):
+            raise ValueError(
+                f"QPA adapter state must hold 'probs' of shape ({self.ansatz.dim},) for its {self.n_qubits}-qubit "
+                f"QNN; got { ({k: tuple(v.shape) for k, v in state.items()}) }"
+            )
+        self._set_probs(probs)
