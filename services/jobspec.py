@@ -1,0 +1,379 @@
+"""JobSpec: what a user submits and what the trainer runs, validated once at the edge.
+
+The control plane validates a spec when it is submitted (or estimated) and writes it as JSON; the trainer
+(`python -m services.trainer --spec <path>`) reads the same file with `JobSpec.load(path)`. Errors are
+pydantic errors whose location names the field (`method_config.r`, `dataset.train`, ...) and whose
+message says how to fix it.
+
+Methods and their config (`method_config`, checked against the method's config dataclass):
+- "qpa": qpeft_core.adapters.QPAConfig fields, except executor / shots / gradient, which are top-level here;
+- "quantum_peft": qpeft_core.adapters.QuantumPEFTConfig fields (runs classically: executor must be "exact");
+- "lora": r, lora_alpha, lora_dropout, target_modules (HF PEFT LoRA, the classical baseline).
+`target_modules` may be left out: `default_target_modules(base_model)` fills it in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+METHODS = ("qpa", "quantum_peft", "lora")
+TASKS = ("causal_lm", "seq_cls")
+GRADIENTS = ("auto", "autograd", "parameter_shift", "spsa")
+KNOWN_MODELS = ("smollm2-135m", "all-minilm-l6-v2", "tiny-gpt2", "tiny-llama", "tiny-bert")
+EXECUTOR_FORMS = ("exact", "aer", "aer-noisy:<fake device>", "fake-ibm:<fake device>", "ibm:<backend>")
+SHOT_EXECUTORS = ("aer-noisy", "fake-ibm", "ibm")  # these only sample: shots are required
+
+# Shared data sets by name, relative to $QPEFT_SHARED_DATA (default: ../shared/data next to the repo).
+SHARED_DATASETS = {
+    "wikitext-2": "wikitext-2/valid.txt",
+    "wikitext-2-test": "wikitext-2/test.txt",
+    "sst2": "glue/SST-2/train.tsv",
+    "sst2-dev": "glue/SST-2/dev.tsv",
+    "tinyshakespeare": "tinyshakespeare/input.txt",
+    "e2e-dev": "e2e_nlg/devset.csv",
+    "e2e-test": "e2e_nlg/testset_w_refs.csv",
+}
+
+# Linear layers adapted when the spec names none: attention projections, as HF PEFT's defaults do.
+DEFAULT_TARGETS = {
+    "gpt2": ["c_attn"],
+    "llama": ["q_proj", "v_proj"],
+    "bert": ["query", "value"],
+}
+_MODEL_FAMILY = {
+    "tiny-gpt2": "gpt2",
+    "tiny-llama": "llama",
+    "smollm2-135m": "llama",
+    "tiny-bert": "bert",
+    "all-minilm-l6-v2": "bert",
+}
+
+# Keys that would carry IBM credentials: those live in the cluster's saved account, never in a spec
+# (a spec is stored in the database and returned by the API).
+SECRET_OPTION = re.compile(r"token|secret|password|api[_-]?key|credential", re.I)
+
+
+def shared_data_dir() -> Path:
+    env = os.environ.get("QPEFT_SHARED_DATA")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def _local(path: str) -> Path:
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:  # '~someone' with no such user: take it literally
+        return Path(path)
+
+
+def _is(path: Path, kind: str) -> bool:
+    """path.is_file() / exists() that answer False for names the OS rejects (too long, NUL bytes)."""
+    try:
+        return path.is_file() if kind == "file" else path.exists()
+    except (OSError, ValueError):
+        return False
+
+
+def resolve_dataset(name_or_path: str) -> Path:
+    """A shared-data name (see SHARED_DATASETS) or a local file path, as an existing file's path."""
+    path = (
+        shared_data_dir() / SHARED_DATASETS[name_or_path] if name_or_path in SHARED_DATASETS else _local(name_or_path)
+    )
+    if not _is(path, "file"):
+        raise FileNotFoundError(f"data set {name_or_path!r} not found at {str(path)!r}")
+    return path
+
+
+def default_target_modules(base_model: str) -> list[str] | None:
+    family = _MODEL_FAMILY.get(base_model.lower())
+    if family is None:  # a local checkpoint: guess from its config.json's model_type
+        try:
+            family = json.loads((_local(base_model) / "config.json").read_text()).get("model_type")
+        except (OSError, ValueError, AttributeError):
+            return None
+    targets = DEFAULT_TARGETS.get(family or "")
+    return list(targets) if targets else None
+
+
+FIXES = {
+    "dataset_not_found": "name a shared data set or an existing local file",
+    "base_model": "use a known model name or the path of a local checkpoint",
+    "executor": "use an executor listed by GET /v1/backends",
+    "secret_in_spec": "remove the credential; configure the IBM account on the cluster",
+    "shots": "set shots (e.g. 1024) or use executor 'exact'",
+    "gradient": "use 'parameter_shift' or 'spsa', or the exact executor without shots",
+    "task": "use task 'seq_cls' for encoders",
+    "method_config": "change method_config as the message says",
+}
+
+
+def _err(kind: str, message: str) -> PydanticCustomError:
+    """A validation error whose context carries the fix (the API's error handler reports it)."""
+    return PydanticCustomError(kind, message.replace("{", "(").replace("}", ")"), {"fix": FIXES.get(kind, "")})
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+
+class DataSpec(_Model):
+    """Training (and evaluation) data: a shared-data name or a local file (.txt/.jsonl/.csv/.tsv)."""
+
+    train: str = Field(min_length=1, description=f"shared-data name ({', '.join(SHARED_DATASETS)}) or a local path")
+    eval: str | None = Field(None, description="held-out data, same forms as train; none: evaluate on train")
+    mode: Literal["packed", "lines"] = Field("packed", description="causal_lm: packed blocks or one line each")
+    max_length: int = Field(128, ge=8, le=8192, description="tokens per block / example")
+    text_field: str | None = Field(None, description="column with the text (csv/tsv/jsonl); default text|sentence")
+    label_field: str = Field("label", description="seq_cls: column with the integer label")
+    limit: int | None = Field(None, ge=1, description="keep a seeded subset of this many training examples")
+    eval_limit: int | None = Field(None, ge=1, description="keep this many evaluation examples")
+    num_labels: int = Field(2, ge=2, le=1000, description="seq_cls: number of classes")
+
+    @field_validator("train", "eval")
+    @classmethod
+    def _exists(cls, v):
+        if v is None:
+            return v
+        try:
+            resolve_dataset(v)
+        except FileNotFoundError as e:
+            raise _err(
+                "dataset_not_found",
+                f"{e}; use a shared-data name ({', '.join(SHARED_DATASETS)}) or the path of a local file "
+                "readable by the cluster",
+            ) from None
+        return v
+
+    def path(self, which: str = "train") -> Path:
+        """The resolved file of `train` or `eval` (None when eval is not set)."""
+        value = getattr(self, which)
+        return None if value is None else resolve_dataset(value)
+
+
+class Scaling(_Model):
+    num_workers: int = Field(1, ge=1, le=256, description="data-parallel trainer replicas (Ray Train workers)")
+    use_gpu: bool = Field(False, description="one GPU per worker")
+
+
+class TrainingSpec(_Model):
+    """Optimiser and loop settings (qpeft_core.train.TrainConfig)."""
+
+    batch_size: int = Field(8, ge=1, le=4096)
+    grad_accum: int = Field(1, ge=1, le=1024, description="micro-batches per optimizer step")
+    lr: float = Field(1e-3, gt=0, le=10)
+    weight_decay: float = Field(0.0, ge=0, le=10)
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    eval_every: int = Field(0, ge=0, description="optimizer steps between evaluations; 0: only at the end")
+    eval_batch_size: int = Field(8, ge=1, le=4096)
+    eval_max_batches: int | None = Field(None, ge=1)
+    save_every: int = Field(0, ge=0, description="optimizer steps between checkpoints; 0: end and stop only")
+    seed: int = Field(0, ge=0, le=2**32 - 1)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+
+
+@dataclasses.dataclass
+class LoRAConfig:
+    """The classical baseline's fields (HF PEFT LoRA)."""
+
+    method = "lora"
+    target_modules: list[str] | str = dataclasses.field(default_factory=list)
+    r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+
+    def __post_init__(self):
+        if not self.target_modules:
+            raise ValueError("LoRAConfig.target_modules is empty; name the Linear layers to adapt")
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+            raise ValueError(f"LoRAConfig.r must be a positive int, got {self.r!r}")
+        if not 0 <= float(self.lora_dropout) < 1:
+            raise ValueError(f"LoRAConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+
+
+@functools.cache
+def config_class(method: str) -> type:
+    if method == "lora":
+        return LoRAConfig
+    from qpeft_core.adapters import QPAConfig, QuantumPEFTConfig
+
+    cls = {"qpa": QPAConfig, "quantum_peft": QuantumPEFTConfig}[method]
+    if cls is None:
+        raise ImportError(f"method {method!r} is not available in this installation")
+    return cls
+
+
+TOP_LEVEL = {"executor": "executor", "shots": "shots", "gradient": "gradient"}  # set on the JobSpec, not here
+
+
+def _config_error(method: str, message: str, fields: list[str]) -> PydanticCustomError:
+    """The dataclasses raise 'QPAConfig.r must be ...': name the field as method_config.r for the caller."""
+    m = re.search(r"\b\w+Config\.(\w+)", message)
+    field = m.group(1) if m and m.group(1) in fields else None
+    where = f"method_config.{field}" if field else "method_config"
+    return _err("method_config", f"{where}: {message}")
+
+
+@functools.cache
+def _fake_devices() -> dict[str, tuple[str, int]]:
+    """Fake IBM devices: class name -> (backend name, qubits)."""
+    from qpeft_core.quantum.qiskit_backends import _fake_backends
+
+    return {cls_name: (b.name, b.configuration().n_qubits) for cls_name, b in _fake_backends().items()}
+
+
+def fake_device_qubits(name: str) -> int | None:
+    """Qubits of a fake device by class name ('FakeManilaV2') or backend name ('fake_manila'), any case."""
+    key = name.strip().lower()
+    for cls_name, (backend_name, qubits) in _fake_devices().items():
+        if key in (cls_name.lower(), backend_name.lower()):
+            return qubits
+    return None
+
+
+def check_executor(spec: str) -> str:
+    kind, sep, arg = spec.partition(":")
+    if spec in ("exact", "aer"):
+        return spec
+    if sep and arg and kind == "ibm":
+        return spec
+    if sep and arg and kind in ("aer-noisy", "fake-ibm"):
+        if fake_device_qubits(arg) is None:
+            raise _err(
+                "executor",
+                f"unknown fake device {arg!r}; use one of {', '.join(sorted(_fake_devices()))} "
+                "(GET /v1/backends lists every executor)",
+            )
+        return spec
+    raise _err("executor", f"unknown executor {spec!r}; use one of {', '.join(EXECUTOR_FORMS)}")
+
+
+class JobSpec(_Model):
+    """One fine-tuning job. Only base_model, dataset and method are required."""
+
+    name: str | None = Field(None, max_length=120, description="a label for lists and the dashboard")
+    base_model: str = Field(
+        min_length=1, max_length=500, description=f"a known model ({', '.join(KNOWN_MODELS)}) or a local checkpoint"
+    )
+    dataset: DataSpec = Field(description="a shared-data name / local path, or a DataSpec object")
+    task: Literal["causal_lm", "seq_cls"] = "causal_lm"
+    method: Literal["qpa", "quantum_peft", "lora"]
+    method_config: dict[str, Any] = Field(default_factory=dict, description="fields of the method's config class")
+    executor: str = Field("exact", max_length=200, description=f"where circuits run: {', '.join(EXECUTOR_FORMS)}")
+    executor_options: dict[str, Any] = Field(default_factory=dict, description="options for the executor")
+    shots: Annotated[int, Field(ge=1, le=10_000_000)] | None = Field(None, description="per circuit; none: exact")
+    gradient: Literal["auto", "autograd", "parameter_shift", "spsa"] = "auto"
+    scaling: Scaling = Field(default_factory=Scaling)
+    max_steps: int = Field(100, ge=1, le=10_000_000, description="optimizer steps")
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    shot_limit: int | None = Field(None, ge=0, le=10**15, description="this job's own shot budget")
+    qpu_seconds_limit: float | None = Field(None, ge=0, le=1e9, description="this job's own QPU-time budget")
+    run_until_budget_ends: bool = Field(
+        False, description="train until the budget runs out instead of refusing a job forecast to exceed it"
+    )
+
+    @field_validator("dataset", mode="before")
+    @classmethod
+    def _dataset_name(cls, v):
+        return {"train": v} if isinstance(v, str) else v
+
+    @field_validator("base_model")
+    @classmethod
+    def _model(cls, v):
+        if v.lower() in KNOWN_MODELS:
+            return v.lower()
+        if not _is(_local(v), "exists"):
+            raise _err(
+                "base_model", f"{v!r} is neither a known model ({', '.join(KNOWN_MODELS)}) nor an existing local path"
+            )
+        return v
+
+    @field_validator("executor")
+    @classmethod
+    def _executor(cls, v):
+        return check_executor(v)
+
+    @field_validator("executor_options")
+    @classmethod
+    def _no_secrets(cls, v):
+        bad = [k for k in v if SECRET_OPTION.search(str(k))]
+        if bad:
+            raise _err(
+                "secret_in_spec",
+                f"executor_options {bad} look like credentials; a spec is stored and shown, so configure the "
+                "IBM account on the cluster (QiskitRuntimeService.save_account or QISKIT_IBM_TOKEN) instead",
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        kind = self.executor.partition(":")[0]
+        if self.method != "qpa" and self.executor != "exact":
+            raise _err(
+                "executor", f"executor: method {self.method!r} runs classically; use executor 'exact' (or method 'qpa')"
+            )
+        if kind in SHOT_EXECUTORS and self.shots is None:
+            raise _err("shots", f"shots: executor {self.executor!r} samples circuits; set shots, e.g. 1024")
+        if self.gradient == "autograd" and (self.shots is not None or self.executor != "exact"):
+            raise _err(
+                "gradient",
+                "gradient: 'autograd' needs the exact torch simulator (executor 'exact', no shots); "
+                "use 'parameter_shift' or 'spsa'",
+            )
+        if self.task == "causal_lm" and _MODEL_FAMILY.get(self.base_model) == "bert":
+            raise _err("task", f"task: {self.base_model} is an encoder; use task 'seq_cls' or a decoder model")
+        self.method_config = self._checked_method_config()
+        return self
+
+    def _checked_method_config(self) -> dict:
+        cls = config_class(self.method)
+        fields = [f.name for f in dataclasses.fields(cls)]
+        cfg = dict(self.method_config)
+        cfg.pop("method", None)
+        for key in cfg:
+            if self.method == "qpa" and key in TOP_LEVEL:
+                raise _err("method_config", f"method_config.{key}: set '{TOP_LEVEL[key]}' at the top level of the spec")
+            if key not in fields:
+                allowed = [f for f in fields if not (self.method == "qpa" and f in TOP_LEVEL)]
+                raise _err("method_config", f"method_config.{key}: unknown field for {self.method}; known: {allowed}")
+        if not cfg.get("target_modules"):
+            targets = default_target_modules(self.base_model)
+            if targets is None:
+                raise _err(
+                    "method_config",
+                    f"method_config.target_modules: no default for {self.base_model!r}; name the Linear layers",
+                )
+            cfg["target_modules"] = targets
+        try:
+            self.adapter_config(cfg)
+        except (TypeError, ValueError) as e:
+            raise _config_error(self.method, str(e), fields) from None
+        return cfg
+
+    def adapter_config(self, cfg: dict | None = None):
+        """The method's config dataclass (QPAConfig / QuantumPEFTConfig / LoRAConfig), top-level fields merged."""
+        cfg = dict(self.method_config if cfg is None else cfg)
+        if self.method == "qpa":
+            cfg.update(executor=self.executor, executor_options=self.executor_options)
+            cfg.update(shots=self.shots, gradient=self.gradient)
+        return config_class(self.method)(**cfg)
+
+    # --- files -------------------------------------------------------------------------------------
+    def dump(self, path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.model_dump_json(indent=2))
+        return path
+
+    @classmethod
+    def load(cls, path) -> JobSpec:
+        return cls.model_validate_json(Path(path).read_text())

@@ -1,0 +1,259 @@
+"""QuantumPool: a QuantumBackend whose circuits run on a set of Ray quantum-worker actors.
+
+- It is an executor itself (ansatz, name, exact, max_qubits, probabilities), so `QNN(pool, ...)` and the
+  gradient strategies use it unchanged; `vjp` runs a whole gradient against dL/dp on the pool.
+- A call of at least 2 * min_share circuits (e.g. all parameter-shift points of a step) is cut into
+  contiguous shares, one per worker, and gathered in order; a smaller call goes whole to the least
+  busy worker.
+- Every share reserves circuits x shots in the ledger before it is sent and commits what the executor
+  reports after. A share whose worker dies (actor death) or hangs (past call_timeout_s; the pool then
+  kills it) is charged as lost, re-reserved and sent to another worker; Ray restarts the dead actor,
+  and the pool sends it nothing until it answers a ping. The timeout counts from sending, so it also
+  covers time queued behind other calls on that worker: set it well above the longest expected call.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+
+import ray
+import torch
+from ray.exceptions import GetTimeoutError, RayActorError
+
+from qpeft_core.quantum.backend import ExecutionResult, Usage, check_call, check_qubits
+from qpeft_core.quantum.gradients import make_strategy
+
+from .ledger import BudgetExhausted, InMemoryLedger, ShotLedger
+from .worker import remote_worker
+
+log = logging.getLogger(__name__)
+
+
+class PoolError(RuntimeError):
+    """A share failed on every attempt (all workers dead or hung)."""
+
+
+class WorkerHung(RuntimeError):
+    pass
+
+
+class QuantumPool:
+    def __init__(
+        self,
+        spec,
+        ansatz,
+        n_workers: int = 2,
+        options: dict | None = None,
+        *,
+        ledger: ShotLedger | None = None,
+        key: str = "default",
+        call_timeout_s: float = 300.0,
+        max_attempts: int = 3,
+        min_share: int = 8,
+        resources: dict[str, float] | None = None,
+        num_cpus: float = 0,
+        max_restarts: int = -1,
+        start_timeout_s: float = 120.0,
+    ):
+        if n_workers < 1 or max_attempts < 1 or min_share < 1:
+            raise ValueError("n_workers, max_attempts and min_share must be >= 1")
+        self.ansatz, self.key = ansatz, key
+        self.ledger = ledger if ledger is not None else InMemoryLedger()
+        self.call_timeout_s, self.max_attempts, self.min_share = call_timeout_s, max_attempts, min_share
+        actor = remote_worker(resources or {"qpu": 1}, num_cpus, max_restarts)
+        self.workers = [actor.remote(spec, ansatz, options) for _ in range(n_workers)]
+        try:
+            infos = ray.get([w.info.remote() for w in self.workers], timeout=start_timeout_s)
+        except GetTimeoutError:
+            self.shutdown()
+            raise RuntimeError(
+                f"{n_workers} quantum workers did not start within {start_timeout_s} s; each needs "
+                f"{resources or {'qpu': 1}} and the cluster has {ray.cluster_resources()}"
+            ) from None
+        self.name, self.exact, self.max_qubits = infos[0]["name"], infos[0]["exact"], infos[0]["max_qubits"]
+        check_qubits(ansatz, self.max_qubits, f"executor {self.name}")
+        self.busy = [0] * n_workers  # shares in flight per worker, for least-busy placement
+        self.rotation = itertools.count()  # breaks ties so equal workers take turns
+        self.probes = {}  # worker index -> ping sent after it failed; absent once it answers
+        self.lock = threading.Lock()
+        self.failures = self.lost_shots = 0
+
+    # --- the QuantumBackend protocol -------------------------------------------------------------
+    def probabilities(self, thetas, shots: int | None = None) -> ExecutionResult:
+        thetas = check_call(self, thetas, shots)
+        B = thetas.shape[0]
+        n = max(1, min(len(self.workers), B // self.min_share))
+        chunks = [c.clone() for c in torch.tensor_split(thetas, n)]  # a view would ship the whole storage
+        outs = self._run("probabilities", [(c, shots) for c in chunks], [c.shape[0] * (shots or 0) for c in chunks])
+        usage = sum((u for _, u in outs), Usage(self.name))
+        return ExecutionResult(torch.cat([p for p, _ in outs]), usage)
+
+    # --- gradients --------------------------------------------------------------------------------
+    def vjp(self, thetas, grad_probs, shots: int | None = None, strategy="parameter_shift"):
+        """dL/dtheta for dL/dp = grad_probs. Shift/SPSA strategies put their circuits through
+        `probabilities` (split across workers); 'autograd' differentiates the simulator on one worker."""
+        thetas = check_call(self, thetas, shots)
+        if getattr(strategy, "name", strategy) == "autograd":
+            ((grad, usage),) = self._run("vjp", [("autograd", thetas, grad_probs, shots)], [0])
+            return grad, usage
+        return make_strategy(strategy, self, shots).vjp(self, thetas, grad_probs, shots)
+
+    # --- placement ------------------------------------------------------------------------------
+    def _is_up(self, k: int) -> bool:
+        """(Under self.lock.) A worker that failed gets no work until it answers a ping again, so
+        shares are not thrown at an actor Ray is still restarting."""
+        ref = self.probes.get(k)
+        if ref is None:
+            return True
+        if not ray.wait([ref], timeout=0)[0]:
+            return False
+        try:
+            ray.get(ref)
+        except RayActorError:  # still restarting: ask again
+            self.probes[k] = self.workers[k].info.remote()
+            return False
+        del self.probes[k]
+        return True
+
+    def _pick(self, avoid: int | None) -> int:
+        """The least busy live worker, other than `avoid` if there is one; waits while all are down."""
+        deadline = time.monotonic() + self.call_timeout_s
+        while True:
+            with self.lock:
+                turn, n = next(self.rotation), len(self.workers)
+                up = sorted((k for k in range(n) if self._is_up(k)), key=lambda k: (self.busy[k], (k - turn) % n))
+                if up:
+                    k = next((k for k in up if k != avoid), up[0])
+                    self.busy[k] += 1
+                    return k
+                probes = list(self.probes.values())
+            if time.monotonic() > deadline:
+                raise PoolError(f"no quantum worker came back within {self.call_timeout_s} s")
+            ray.wait(probes, num_returns=1, timeout=1.0)
+            time.sleep(0.05)  # a restarting actor refuses pings at once: do not spin
+
+    # --- dispatch ---------------------------------------------------------------------------------
+    def _reserve(self, shots: int):
+        return self.ledger.reserve(self.key, shots) if shots else None  # exact calls cost no shots
+
+    def _release(self, rid, lost: int = 0):
+        if rid is not None:
+            self.ledger.release(rid, lost=lost)
+
+    def _send(self, pending: dict, i: int, method: str, args, rid, avoid: int | None = None):
+        try:
+            k = self._pick(avoid)
+        except PoolError:
+            self._release(rid)
+            raise
+        ref = getattr(self.workers[k], method).remote(*args)
+        pending[ref] = (i, k, rid, time.monotonic() + self.call_timeout_s)
+
+    def _run(self, method: str, shares: list[tuple], shots: list[int]) -> list:
+        """Run shares[i] as workers[k].method(*shares[i]) on some k each; results in share order."""
+        # Reserve every share before any runs, so a refused call spends nothing.
+        rids = []
+        try:
+            for s in shots:
+                rids.append(self._reserve(s))
+        except BudgetExhausted:
+            for rid in rids:
+                self._release(rid)
+            raise
+        pending, fatal = {}, None
+        for i, rid in enumerate(rids):
+            if fatal is not None:
+                self._release(rid)
+                continue
+            try:
+                self._send(pending, i, method, shares[i], rid)
+            except PoolError as err:
+                fatal = err
+
+        results, attempts = [None] * len(shares), [1] * len(shares)
+        while pending:
+            wait_s = max(0.0, min(p[3] for p in pending.values()) - time.monotonic())
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=wait_s)
+            now = time.monotonic()
+            hung = {r for r, p in pending.items() if p[3] <= now and r not in ready}
+            for ref in [*ready, *hung]:
+                i, k, rid, _ = pending.pop(ref)
+                with self.lock:
+                    self.busy[k] -= 1
+                try:
+                    if ref in hung:
+                        ray.kill(self.workers[k], no_restart=False)  # Ray starts a fresh one
+                        raise WorkerHung(f"worker {k} gave no answer within {self.call_timeout_s} s")
+                    out = ray.get(ref)
+                except (RayActorError, WorkerHung) as err:
+                    self._lose(k, rid, shots[i], err)
+                    if fatal is None and attempts[i] >= self.max_attempts:
+                        fatal = PoolError(f"share {i} of {len(shares)} failed {attempts[i]} times; last: {err}")
+                    if fatal is None:
+                        attempts[i] += 1
+                        try:
+                            self._send(pending, i, method, shares[i], self._reserve(shots[i]), avoid=k)
+                        except (BudgetExhausted, PoolError) as exc:
+                            fatal = exc
+                    continue
+                except Exception as err:  # the executor itself raised: not retried, nothing charged
+                    self._release(rid)
+                    fatal = fatal or err
+                    continue
+                if rid is not None:
+                    ran = out[1].shots
+                    if ran > shots[i]:
+                        log.warning("executor reported %d shots for a share reserved at %d", ran, shots[i])
+                    self.ledger.commit(rid, min(ran, shots[i]))
+                results[i] = out
+        # Only after every share is settled in the ledger is a failure reported.
+        if fatal is not None:
+            raise fatal
+        return results
+
+    def _lose(self, k: int, rid, shots: int, err: Exception):
+        # The attempt may have run some or all of its shots: charged as lost, never as spent, never hidden.
+        log.warning(
+            "quantum worker %d failed (%s); its share's %d shots are charged as lost", k, type(err).__name__, shots
+        )
+        self._release(rid, lost=shots)
+        with self.lock:
+            self.failures += 1
+            self.lost_shots += shots
+            if k not in self.probes:
+                self.probes[k] = self.workers[k].info.remote()
+
+    # --- housekeeping -----------------------------------------------------------------------------
+    def worker_pids(self, timeout_s: float = 60.0) -> list[int]:
+        """Process ids of the workers, waiting for any that are restarting."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                return [i["pid"] for i in ray.get([w.info.remote() for w in self.workers], timeout=timeout_s)]
+            except RayActorError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
+    def stats(self) -> dict:
+        with self.lock:
+            return {
+                "workers": len(self.workers),
+                "busy": list(self.busy),
+                "failures": self.failures,
+                "lost_shots": self.lost_shots,
+            }
+
+    def shutdown(self):
+        for w in self.workers:
+            ray.kill(w, no_restart=True)
+        self.workers = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()

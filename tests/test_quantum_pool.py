@@ -1,0 +1,233 @@
+"""The Ray quantum-worker pool: same answers as the executor, splitting, recovery, shot accounting."""
+
+import os
+import signal
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+from qpeft_core.quantum.ansatz import qpa_ansatz
+from qpeft_core.quantum.backend import ExecutionResult, TorchBackend
+from qpeft_core.quantum.gradients import QNN
+from services.quantum_pool import BudgetExhausted, InMemoryLedger, QuantumPool
+
+ANSATZ = qpa_ansatz(4, 3)
+ray_test = pytest.mark.usefixtures("ray_cluster")
+
+
+class TestExecutor:
+    """Test-only executor: the exact torch simulator, slowed by `delay_s` per call, hanging once if
+    `hang_file` exists (and removing it), and tagging usage.job_ids with '<pid>:<first angle>' so a test
+    can see which worker ran which share."""
+
+    __test__ = False  # not a pytest class
+
+    def __init__(self, ansatz, delay_s=0.0, hang_file=None, seed=0):
+        self.inner = TorchBackend(ansatz, seed=seed)
+        self.ansatz, self.name, self.exact, self.max_qubits = ansatz, "exact", True, 30
+        self.delay_s, self.hang_file = delay_s, hang_file
+
+    def probabilities(self, thetas, shots=None):
+        if self.hang_file and os.path.exists(self.hang_file):
+            os.remove(self.hang_file)
+            time.sleep(120)
+        time.sleep(self.delay_s)
+        probs, usage = self.inner.probabilities(thetas, shots)
+        usage.job_ids.append(f"{os.getpid()}:{float(thetas[0, 0]):.6f}")
+        return ExecutionResult(probs, usage)
+
+
+# Ray workers cannot import this test module by name: ship TestExecutor by value.
+import ray.cloudpickle  # noqa: E402
+
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def thetas(batch, seed=0):
+    return torch.rand(batch, ANSATZ.n_params, generator=torch.Generator().manual_seed(seed)) * 6.28
+
+
+# --- the ledger alone -------------------------------------------------------------------------------
+def test_ledger_reserve_commit_release():
+    led = InMemoryLedger({"t": 1000})
+    a = led.reserve("t", 600)
+    assert led.remaining("t") == 400
+    with pytest.raises(BudgetExhausted) as e:
+        led.reserve("t", 401)
+    assert (e.value.key, e.value.requested, e.value.remaining) == ("t", 401, 400)
+    led.commit(a, 500)  # fewer ran than held: the rest goes back
+    b = led.reserve("t", 300)
+    led.release(b, lost=100)
+    acc = led.account("t")
+    assert (acc.spent, acc.lost, acc.reserved, acc.remaining) == (500, 100, 0, 400)
+    with pytest.raises(KeyError):
+        led.commit(a, 0)  # already closed
+    with pytest.raises(ValueError):
+        led.commit(led.reserve("t", 10), 11)  # more than held
+    assert led.remaining("other") is None  # no budget: unlimited
+
+
+def test_ledger_threads_never_overspend():
+    led = InMemoryLedger({"t": 10_000})
+    refused = []
+
+    def spend(seed):
+        g = torch.Generator().manual_seed(seed)
+        for _ in range(300):
+            n = int(torch.randint(1, 200, (1,), generator=g))
+            try:
+                rid = led.reserve("t", n)
+            except BudgetExhausted:
+                refused.append(n)
+                continue
+            assert led.remaining("t") >= 0
+            if n % 3:
+                led.commit(rid, n)
+            else:
+                led.release(rid, lost=n // 2)
+
+    threads = [threading.Thread(target=spend, args=(s,)) for s in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    acc = led.account("t")
+    assert refused and acc.reserved == 0
+    assert acc.spent + acc.lost <= 10_000 and acc.remaining == 10_000 - acc.spent - acc.lost >= 0
+
+
+# --- the pool on real local Ray -----------------------------------------------------------------------
+@ray_test
+def test_pool_matches_executor_and_splits_in_order():
+    direct = TorchBackend(ANSATZ)
+    with QuantumPool(TestExecutor, ANSATZ, n_workers=2, min_share=8) as pool:
+        assert (pool.name, pool.exact, pool.ansatz) == ("exact", True, ANSATZ)
+        small, big = thetas(3), thetas(40, seed=1)
+        r = pool.probabilities(small)
+        assert torch.allclose(r.probs, direct.probabilities(small).probs, atol=1e-7)
+        assert len(r.usage.job_ids) == 1  # small call: one worker, whole
+        r = pool.probabilities(big)
+        assert torch.allclose(r.probs, direct.probabilities(big).probs, atol=1e-7)
+        # 40 circuits on 2 workers: two shares of 20, from two processes, gathered in order
+        pids = {j.split(":")[0] for j in r.usage.job_ids}
+        firsts = [float(j.split(":")[1]) for j in r.usage.job_ids]
+        assert len(pids) == 2 and firsts == pytest.approx([float(big[0, 0]), float(big[20, 0])], abs=1e-5)
+        assert r.usage.circuits == 40 and r.usage.shots == 0
+
+
+@ray_test
+def test_pool_matches_aer():
+    pytest.importorskip("qiskit_aer")
+    from qpeft_core.quantum.registry import make_backend
+
+    x = thetas(20, seed=2)
+    with QuantumPool("aer", ANSATZ, n_workers=2, min_share=4) as pool:
+        r = pool.probabilities(x)
+    direct = make_backend("aer", ANSATZ).probabilities(x)
+    assert r.probs.shape == (20, 16) and torch.allclose(r.probs, direct.probs.to(r.probs.dtype), atol=1e-7)
+
+
+@ray_test
+def test_qnn_through_pool_trains_and_matches_local_gradient():
+    torch.manual_seed(0)
+    x = thetas(2, seed=3)
+    target = torch.softmax(torch.randn(2, 16, dtype=torch.float64), -1)
+    local = QNN(TorchBackend(ANSATZ, dtype=torch.float64), "autograd")
+    with QuantumPool("exact", ANSATZ, n_workers=2, options={"dtype": torch.float64}, min_share=4) as pool:
+        qnn = QNN(pool, "parameter_shift")
+        t_pool, t_local = x.clone().double().requires_grad_(), x.clone().double().requires_grad_()
+        ((qnn(t_pool) - target) ** 2).sum().backward()
+        ((local(t_local) - target) ** 2).sum().backward()
+        assert torch.allclose(t_pool.grad, t_local.grad, atol=1e-10)
+        # vjp on the pool, both the split parameter-shift one and the worker-side autograd one
+        g = torch.randn(2, 16, dtype=torch.float64)
+        ref = torch.autograd.grad(local(t_local), t_local, g)[0]
+        for strategy in ("parameter_shift", "autograd"):
+            grad, usage = pool.vjp(x.double(), g, None, strategy)
+            assert torch.allclose(grad, ref, atol=1e-10), strategy
+        # a few optimizer steps through the pool: the loss goes down
+        theta = x.clone().double().requires_grad_()
+        opt = torch.optim.Adam([theta], lr=0.1)
+        losses = []
+        for _ in range(15):
+            opt.zero_grad()
+            loss = ((qnn(theta) - target) ** 2).sum()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        assert losses[-1] < 0.5 * losses[0]
+        assert qnn.usage.circuits > 0 and pool.stats()["failures"] == 0
+
+
+@ray_test
+def test_killed_worker_is_retried_charged_as_lost_and_restarted():
+    led = InMemoryLedger({"job": 100_000})
+    with QuantumPool(TestExecutor, ANSATZ, 2, {"delay_s": 1.5}, ledger=led, key="job", min_share=8) as pool:
+        old = pool.worker_pids()
+        result = {}
+        call = threading.Thread(target=lambda: result.update(r=pool.probabilities(thetas(32), shots=100)))
+        call.start()
+        time.sleep(0.7)  # both shares are running now
+        os.kill(old[0], signal.SIGKILL)
+        call.join(timeout=60)
+        r = result["r"]
+        assert r.probs.shape == (32, 16) and torch.allclose(r.probs.sum(1), torch.ones(32, dtype=r.probs.dtype))
+        assert r.usage.shots == 3200  # what the caller got is charged once
+        acc = led.account("job")
+        assert (acc.spent, acc.lost, acc.reserved) == (3200, 1600, 0)  # the killed share: lost, separately
+        assert pool.stats()["lost_shots"] == 1600 and pool.stats()["failures"] == 1
+        new = pool.worker_pids()
+        assert new[0] != old[0] and new[1] == old[1]  # Ray restarted the killed actor
+        assert pool.probabilities(thetas(32), shots=10).usage.shots == 320  # and it works again
+
+
+@ray_test
+def test_hung_worker_times_out_and_is_replaced(tmp_path):
+    hang = tmp_path / "hang-once"
+    hang.touch()
+    led = InMemoryLedger()
+    opts = {"hang_file": str(hang)}
+    with QuantumPool(TestExecutor, ANSATZ, 2, opts, ledger=led, call_timeout_s=3.0, min_share=8) as pool:
+        old = pool.worker_pids()
+        t0 = time.monotonic()
+        r = pool.probabilities(thetas(4), shots=50)
+        assert time.monotonic() - t0 < 20 and r.usage.shots == 200
+        acc = led.account("default")
+        assert (acc.spent, acc.lost) == (200, 200)
+        assert sorted(pool.worker_pids()) != sorted(old)  # the hung one was killed and restarted
+
+
+@ray_test
+def test_budget_exhaustion_and_concurrent_calls_never_overspend():
+    led = InMemoryLedger({"t": 10_000})
+    with QuantumPool(TestExecutor, ANSATZ, 2, ledger=led, key="t", min_share=8) as pool:
+        pool.probabilities(thetas(16), shots=100)  # 1600
+        # 8,400 left: a split call of 2 x 16 x 300 = 9,600 is refused whole, before anything runs
+        with pytest.raises(BudgetExhausted):
+            pool.probabilities(thetas(32), shots=300)
+        assert led.account("t").spent == 1600 and led.remaining("t") == 8400
+
+        got, errors = [], []
+
+        def hammer():
+            while True:
+                try:
+                    got.append(pool.probabilities(thetas(5), shots=100).usage.shots)
+                except BudgetExhausted:
+                    return
+                except Exception as e:  # pragma: no cover - reported below
+                    errors.append(e)
+                    return
+
+        threads = [threading.Thread(target=hammer) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        acc = led.account("t")
+        assert not errors and acc.reserved == 0 and acc.lost == 0
+        assert acc.spent == 1600 + sum(got) <= 10_000 and acc.remaining == 10_000 - acc.spent >= 0
+        assert acc.remaining < 500  # it ran until the budget could not take one more call
