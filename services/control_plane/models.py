@@ -1,0 +1,163 @@
+"""Tables. Every change here needs an Alembic revision in migrations/versions (a test compares them)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+ACTIVE_STATES = ("QUEUED", "RUNNING")
+FINAL_STATES = ("SUCCEEDED", "FAILED", "CANCELLED", "BUDGET_EXHAUSTED")
+STATES = ACTIVE_STATES + FINAL_STATES
+SUB_STATES = ("WAITING_QPU", "EXECUTING_QPU", "TRAINING")
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator):
+    """Timezone-aware UTC on the way out also on SQLite, which stores datetimes without a zone."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_result_value(self, value, dialect):
+        return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {datetime: UTCDateTime()}
+
+
+class Tenant(Base):
+    __tablename__ = "tenants"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(default=now)
+
+
+class ApiKey(Base):
+    """Only a peppered hash of each key is stored; `prefix` lets a human tell keys apart."""
+
+    __tablename__ = "api_keys"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    tenant: Mapped[str | None] = mapped_column(ForeignKey("tenants.name", ondelete="CASCADE"), index=True)
+    is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(default=now)
+    revoked_at: Mapped[datetime | None] = mapped_column()
+
+
+class Budget(Base):
+    """A ledger account: a tenant's (key = tenant name) or a job's (key = 'job:<id>', parent = tenant).
+
+    budget NULL means unlimited (still counted). remaining = budget - spent - lost - reserved, kept >= 0
+    by conditional UPDATEs (ledger.py)."""
+
+    __tablename__ = "budgets"
+    key: Mapped[str] = mapped_column(String(80), primary_key=True)
+    parent: Mapped[str | None] = mapped_column(ForeignKey("budgets.key", ondelete="CASCADE"))
+    budget: Mapped[int | None] = mapped_column(BigInteger)
+    spent: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    lost: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    reserved: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    qpu_s_budget: Mapped[float | None] = mapped_column(Float)
+    qpu_s_spent: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+    qpu_s_reserved: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+
+
+class Reservation(Base):
+    __tablename__ = "reservations"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    key: Mapped[str] = mapped_column(ForeignKey("budgets.key", ondelete="CASCADE"), index=True)
+    parent: Mapped[str | None] = mapped_column(String(80))
+    shots: Mapped[int] = mapped_column(BigInteger)
+    qpu_s: Mapped[float] = mapped_column(Float, default=0.0)
+    state: Mapped[str] = mapped_column(String(12), default="open")  # open | committed | released
+    actual: Mapped[int] = mapped_column(BigInteger, default=0)  # committed shots, or lost ones on release
+    qpu_s_actual: Mapped[float] = mapped_column(Float, default=0.0)
+    created_at: Mapped[datetime] = mapped_column(default=now)
+    closed_at: Mapped[datetime | None] = mapped_column()
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+    __table_args__ = (
+        UniqueConstraint("tenant", "idempotency_key", name="uq_jobs_tenant_idempotency"),
+        Index("ix_jobs_tenant_created", "tenant", "created_at"),
+    )
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    tenant: Mapped[str] = mapped_column(ForeignKey("tenants.name", ondelete="CASCADE"))
+    name: Mapped[str | None] = mapped_column(String(120))
+    spec: Mapped[dict] = mapped_column(JSON)
+    spec_hash: Mapped[str] = mapped_column(String(64))
+    idempotency_key: Mapped[str | None] = mapped_column(String(200))
+    state: Mapped[str] = mapped_column(String(20), default="QUEUED", index=True)
+    sub_state: Mapped[str | None] = mapped_column(String(20))
+    reason: Mapped[str | None] = mapped_column(Text)
+    result_state: Mapped[str | None] = mapped_column(String(20))  # what the trainer's result event said
+    result_reason: Mapped[str | None] = mapped_column(Text)
+    ray_submission_id: Mapped[str] = mapped_column(String(64), unique=True)
+    submitted_at: Mapped[datetime | None] = mapped_column()  # Ray accepted it
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(default=now)
+    started_at: Mapped[datetime | None] = mapped_column()
+    finished_at: Mapped[datetime | None] = mapped_column()
+    updated_at: Mapped[datetime] = mapped_column(default=now, onupdate=now)
+    log_offset: Mapped[int] = mapped_column(Integer, default=0)  # Ray log lines already ingested
+    step: Mapped[int] = mapped_column(Integer, default=0)
+    max_steps: Mapped[int] = mapped_column(Integer, default=0)
+    loss: Mapped[float | None] = mapped_column(Float)
+    shots_spent: Mapped[int] = mapped_column(BigInteger, default=0)
+    qpu_s: Mapped[float] = mapped_column(Float, default=0.0)
+    pool_calls: Mapped[int] = mapped_column(Integer, default=0)
+    forecast_shots: Mapped[int | None] = mapped_column(BigInteger)
+    forecast_qpu_s: Mapped[float | None] = mapped_column(Float)
+
+
+class JobMetric(Base):
+    __tablename__ = "job_metrics"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    step: Mapped[int] = mapped_column(Integer)
+    time: Mapped[float] = mapped_column(Float)
+    loss: Mapped[float | None] = mapped_column(Float)
+    eval: Mapped[dict | None] = mapped_column(JSON)
+    shots_spent: Mapped[int] = mapped_column(BigInteger, default=0)
+    qpu_s: Mapped[float | None] = mapped_column(Float)
+    tokens_per_s: Mapped[float | None] = mapped_column(Float)
+
+
+class JobLog(Base):
+    __tablename__ = "job_logs"
+    __table_args__ = (UniqueConstraint("job_id", "seq", name="uq_job_logs_seq"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    seq: Mapped[int] = mapped_column(Integer)  # 1-based line number in the job's log
+    time: Mapped[float] = mapped_column(Float)
+    line: Mapped[str] = mapped_column(Text)
+
+
+class JobArtifact(Base):
+    __tablename__ = "job_artifacts"
+    __table_args__ = (UniqueConstraint("job_id", "name", name="uq_job_artifacts_name"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(200))
+    path: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=now)

@@ -1,0 +1,297 @@
+"""Jobs on Ray through the Ray Jobs API, and the loop that keeps the database in step with Ray.
+
+The database is the source of truth for what was asked; Ray for what happened. The reconciler, a thread
+started with the app, repeatedly, for every QUEUED or RUNNING job:
+- submits it if Ray has not accepted it yet (submission id 'qpeft-<job id>', so a crash between submitting
+  and recording it is harmless: Ray refuses the same id twice and the next pass finds it);
+- reads Ray's status, then the job's log (everything after the lines already stored), so a job that ended
+  while the control plane was down gets its events and final state on the next start;
+- marks a job Ray no longer knows (cluster restarted, job deleted) FAILED with the reason;
+- forwards cancellation (stop_job) and, once a job is final, releases its open shot reservations as lost.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from sqlalchemy import select
+
+from .events import final_state, ingest
+from .models import ACTIVE_STATES, Job, Reservation, now
+
+log = logging.getLogger(__name__)
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+class RayJobs:
+    """A thin JobSubmissionClient wrapper; `address` is the job server (dashboard) URL."""
+
+    def __init__(self, address: str):
+        self.address = address
+        self._client = None
+
+    @property
+    def client(self):
+        if self._client is None:
+            from ray.job_submission import JobSubmissionClient
+
+            self._client = JobSubmissionClient(self.address)
+        return self._client
+
+    @property
+    def dashboard_url(self) -> str:
+        if self.address.startswith(("http://", "https://")):
+            return self.address
+        return getattr(self._client, "_address", None) or f"http://{self.address}"
+
+    def reachable(self) -> bool:
+        """A cheap probe of the job server (its version endpoint), never a job listing."""
+        import requests
+
+        try:
+            self.client  # noqa: B018  (resolves a non-HTTP address such as 'auto' to the job server)
+            return requests.get(f"{self.dashboard_url}/api/version", timeout=3).ok
+        except Exception:
+            self._client = None
+            return False
+
+    def submit(self, submission_id: str, entrypoint: str, env: dict[str, str], metadata: dict[str, str]) -> None:
+        try:
+            self.client.submit_job(
+                entrypoint=entrypoint,
+                submission_id=submission_id,
+                runtime_env={"env_vars": env},
+                metadata=metadata,
+            )
+        except RuntimeError as e:
+            if "already exists" not in str(e):
+                raise
+
+    def status(self, submission_id: str) -> tuple[str, str | None] | None:
+        """(Ray status, message), or None when Ray has no such job."""
+        try:
+            info = self.client.get_job_info(submission_id)
+        except RuntimeError as e:
+            if "404" in str(e) or "does not exist" in str(e):
+                return None
+            raise
+        return str(getattr(info.status, "value", info.status)), info.message
+
+    def logs(self, submission_id: str) -> str:
+        return self.client.get_job_logs(submission_id)
+
+    def stop(self, submission_id: str) -> None:
+        self.client.stop_job(submission_id)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_local_head(data_dir: Path, num_cpus: int | None = None, qpu_slots: int = 2) -> str:
+    """Embedded mode: reuse the local Ray head recorded in data_dir/ray.json, or start one. The head is
+    `ray start --head --block` in its own session (process group), so running jobs outlive a restart of
+    the control plane; `stop_local_head` ends it. GCS and the job server get free ports (6379 may belong
+    to something else). Returns the job server URL."""
+    state = data_dir / "ray.json"
+    if state.exists():
+        url = json.loads(state.read_text()).get("dashboard_url")
+        if url and RayJobs(url).reachable():
+            return url
+    gcs, dash = _free_port(), _free_port()
+    cmd = [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", f"--port={gcs}"]
+    cmd += ["--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}"]
+    # Every listening port free too: the defaults (52365 for the agent, 10001 for the client server) clash
+    # with any other Ray on the machine, and a head without its agent cannot take jobs.
+    for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port"):
+        cmd.append(f"--{flag}={_free_port()}")
+    cmd += [f"--metrics-export-port={_free_port()}", f"--ray-client-server-port={_free_port()}"]
+    # "qpu" slots host the quantum pool's worker actors (services/quantum_pool); the trainer needs them
+    cmd += [f"--resources={json.dumps({'qpu': qpu_slots})}", "--disable-usage-stats"]
+    cmd += [f"--num-cpus={num_cpus}"] if num_cpus else []
+    data_dir.mkdir(parents=True, exist_ok=True)
+    log.info("starting a local Ray head: %s", " ".join(cmd))
+    with open(data_dir / "ray-head.log", "ab") as out:
+        head = subprocess.Popen(cmd, stdout=out, stderr=out, start_new_session=True)
+    url = f"http://127.0.0.1:{dash}"
+    state.write_text(json.dumps({"gcs_address": f"127.0.0.1:{gcs}", "dashboard_url": url, "pgid": head.pid}))
+    deadline = time.time() + 180
+    while not RayJobs(url).reachable():  # the job server comes up a few seconds after the GCS
+        if head.poll() is not None or time.time() > deadline:
+            stop_local_head(data_dir)
+            raise RuntimeError(f"the local Ray head did not start; see {data_dir / 'ray-head.log'}")
+        time.sleep(0.5)
+    return url
+
+
+def stop_local_head(data_dir: Path) -> bool:
+    """Stop the embedded Ray head recorded in data_dir/ray.json (its whole process group)."""
+    state = data_dir / "ray.json"
+    if not state.exists():
+        return False
+    pgid = json.loads(state.read_text()).get("pgid")
+    state.unlink()
+    if not pgid:
+        return False
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+        for _ in range(50):  # Ray's processes exit on SIGTERM; `ray start --block` may linger
+            time.sleep(0.2)
+            os.killpg(pgid, 0)
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    return True
+
+
+class Reconciler:
+    """The background loop (one thread); `reconcile_once()` is one pass, callable directly in tests."""
+
+    def __init__(self, state):
+        self.settings, self.sessions, self.ledger = state.settings, state.sessions, state.ledger
+        self.ray: RayJobs | None = state.ray
+        self.metrics = state.metrics
+        self.wake, self.stopping = threading.Event(), threading.Event()
+        self.thread: threading.Thread | None = None
+        self.stop_sent: set[str] = set()
+        self.last_error: str | None = None
+        self.secrets = [s for s in (os.environ.get("QISKIT_IBM_TOKEN"), self.settings.admin_key) if s]
+
+    # --- lifecycle ---------------------------------------------------------------------------------
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._run, name="qpeft-reconciler", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.wake.set()
+        if self.thread is not None:
+            self.thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                self.ensure_ray()
+                if self.ray is not None:
+                    self.last_error = None
+                    self.reconcile_once()
+            except Exception as e:  # keep going: Ray or the database may be back on the next pass
+                self.last_error = f"{type(e).__name__}: {e}"
+                self.metrics.reconcile_errors.inc()
+                log.warning("reconcile pass failed: %s", self.last_error)
+            self.wake.wait(self.settings.poll_s)
+            self.wake.clear()
+
+    def ensure_ray(self) -> RayJobs | None:
+        if self.ray is None:
+            if not self.settings.embedded:
+                self.ray = RayJobs(self.settings.ray_address)
+            elif self.settings.start_ray:
+                s = self.settings
+                self.ray = RayJobs(start_local_head(s.data_dir, s.ray_num_cpus, s.ray_qpu_slots))
+        return self.ray
+
+    # --- one pass ----------------------------------------------------------------------------------
+    def reconcile_once(self) -> None:
+        with self.sessions() as db:
+            ids = db.scalars(select(Job.id).where(Job.state.in_(ACTIVE_STATES)).order_by(Job.created_at)).all()
+        for job_id in ids:
+            try:
+                self.reconcile_job(job_id)
+            except Exception as e:  # one job's trouble must not hold up the others
+                self.last_error = f"job {job_id}: {type(e).__name__}: {e}"
+                self.metrics.reconcile_errors.inc()
+                log.warning("reconciling %s", self.last_error)
+
+    def reconcile_job(self, job_id: str) -> None:
+        with self.sessions() as db:
+            job = db.get(Job, job_id)
+            if job is None or job.state not in ACTIVE_STATES:
+                return
+            sid = job.ray_submission_id
+            if job.cancel_requested and job.submitted_at is None:
+                self._finish(db, job, "CANCELLED", "cancelled before it started")
+                return
+            status = self.ray.status(sid)
+            if status is None:
+                if job.submitted_at is None:
+                    try:
+                        self._submit(db, job)
+                    except Exception as e:  # Ray busy or down: the job stays QUEUED, retried next pass
+                        job.reason = f"waiting to be submitted to Ray: {type(e).__name__}: {e}"[:500]
+                        db.commit()
+                        raise
+                else:
+                    self._finish(db, job, "FAILED", f"lost: Ray has no record of {sid} (cluster restarted?)")
+                return
+            ray_status, message = status
+            if job.submitted_at is None:  # accepted before a crash that kept us from recording it
+                job.submitted_at = now()
+            if job.cancel_requested and ray_status not in TERMINAL and sid not in self.stop_sent:
+                self.ray.stop(sid)
+                self.stop_sent.add(sid)
+            self._read_logs(db, job, complete=ray_status in TERMINAL)
+            if ray_status == "RUNNING" and job.state == "QUEUED":
+                job.state, job.started_at = "RUNNING", job.started_at or now()
+            if ray_status in TERMINAL:
+                self._finish(db, job, *final_state(job, ray_status, message))
+            db.commit()
+
+    def _read_logs(self, db, job: Job, complete: bool) -> None:
+        """Ingest the log's new lines. Status is read before the log, so a finished job's log is whole;
+        while it runs, a last line without its newline may still be growing and waits for the next pass."""
+        lines = self.ray.logs(job.ray_submission_id).split("\n")
+        if lines[-1] == "" or not complete:
+            lines.pop()
+        new = lines[job.log_offset :]
+        if new:
+            ingest(db, job, new, self.settings.job_dir(job.id), self.secrets)
+
+    def _submit(self, db, job: Job) -> None:
+        from services.jobspec import JobSpec
+
+        jdir = self.settings.job_dir(job.id)
+        spec_path = JobSpec.model_validate(job.spec).dump(jdir / "spec.json")
+        (jdir / "artifacts").mkdir(parents=True, exist_ok=True)
+        entry = self.settings.trainer_command.format(python=shlex.quote(self.settings.python))
+        env = {
+            "QPEFT_DATABASE_URL": self.settings.db_url,
+            "QPEFT_JOB_ID": job.id,
+            "QPEFT_TENANT": job.tenant,
+            "QPEFT_LEDGER_KEY": f"job:{job.id}",
+            "QPEFT_ARTIFACT_DIR": str(jdir / "artifacts"),
+            "PYTHONUNBUFFERED": "1",  # events must reach the log as they happen
+            **({"QPEFT_SHARED_DATA": os.environ["QPEFT_SHARED_DATA"]} if os.environ.get("QPEFT_SHARED_DATA") else {}),
+            **self.settings.job_env,
+        }
+        self.ray.submit(
+            job.ray_submission_id,
+            f"{entry} --spec {shlex.quote(str(spec_path))}",
+            env,
+            {"qpeft_job_id": job.id, "qpeft_tenant": job.tenant},
+        )
+        job.submitted_at, job.reason = now(), None
+        db.commit()
+
+    def _finish(self, db, job: Job, state: str, reason: str) -> None:
+        job.state, job.reason, job.sub_state, job.finished_at = state, reason, None, now()
+        db.commit()
+        # A trainer that died mid-call leaves reservations open: charge them as lost, as the pool does.
+        open_ids = db.scalars(
+            select(Reservation.id).where(Reservation.key == f"job:{job.id}", Reservation.state == "open")
+        ).all()
+        for rid in open_ids:
+            shots = db.get(Reservation, rid).shots
+            self.ledger.release(rid, lost=shots)

@@ -1,0 +1,32 @@
+"""/v1/estimate: the shots and QPU time a JobSpec will need, before it is submitted."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+from services.jobspec import JobSpec
+
+from .. import schemas
+from ..auth import TenantName
+from ..forecast import forecast
+
+router = APIRouter(tags=["estimate"])
+
+
+@router.post(
+    "/v1/estimate",
+    response_model=schemas.Estimate,
+    responses=schemas.errors(401, 403, 422),
+    summary="Forecast a job's shots (and QPU seconds on IBM devices), with the formula",
+)
+def estimate(spec: JobSpec, request: Request, tenant: TenantName) -> schemas.Estimate:
+    fc = forecast(spec)
+    acc = request.app.state.ledger.account(tenant)
+    shot_limits = [v for v in (acc.remaining, spec.shot_limit) if v is not None]
+    qpu_limits = [v for v in (acc.qpu_s_remaining, spec.qpu_seconds_limit) if v is not None]
+    fits = (not shot_limits or fc["shots"] <= min(shot_limits)) and (
+        fc["qpu_seconds"] is None or not qpu_limits or fc["qpu_seconds"] <= min(qpu_limits)
+    )
+    return schemas.Estimate(
+        **fc, budget_remaining=acc.remaining, qpu_seconds_remaining=acc.qpu_s_remaining, fits_budget=fits
+    )

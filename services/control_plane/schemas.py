@@ -1,0 +1,202 @@
+"""Request and response bodies (the JobSpec itself lives in services/jobspec.py)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+State = Literal["QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED", "BUDGET_EXHAUSTED"]
+SubState = Literal["WAITING_QPU", "EXECUTING_QPU", "TRAINING"]
+TENANT_NAME = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+
+
+class ErrorItem(BaseModel):
+    field: str | None = Field(description="where the problem is, e.g. body.max_steps or path.job_id")
+    message: str
+    fix: str | None = Field(description="what to change")
+
+
+class ErrorBody(BaseModel):
+    detail: str
+    errors: list[ErrorItem]
+
+
+def errors(*codes: int) -> dict:
+    """OpenAPI `responses` entries for the error codes a route can return."""
+    return {code: {"model": ErrorBody} for code in codes}
+
+
+class Shots(BaseModel):
+    """Shots of a ledger account; limit None means unlimited. remaining = limit - spent - lost - reserved."""
+
+    limit: int | None
+    spent: int
+    lost: int = Field(description="ran on a worker that failed; charged, results discarded")
+    reserved: int = Field(description="held by calls in flight")
+    remaining: int | None
+
+
+class Seconds(BaseModel):
+    """QPU seconds of a ledger account (reported by the device, or estimated from its timing)."""
+
+    limit: float | None
+    spent: float
+    reserved: float
+    remaining: float | None
+
+
+class Budget(BaseModel):
+    tenant: str
+    shots: Shots
+    qpu_seconds: Seconds
+
+
+class BudgetUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    shots: int | None = Field(None, ge=0, le=10**15, description="shot budget; null: unlimited")
+    qpu_seconds: float | None = Field(None, ge=0, le=1e9, description="QPU-time budget; null: unlimited")
+
+
+class TenantCreate(BudgetUpdate):
+    name: str = Field(pattern=TENANT_NAME, description="lower-case letters, digits, '-' and '_'")
+
+
+class Tenant(BaseModel):
+    name: str
+    created_at: datetime
+    budget: Budget
+    keys: list[ApiKeyInfo]
+
+
+class ApiKeyInfo(BaseModel):
+    id: int
+    prefix: str = Field(description="the key's first characters, to tell keys apart")
+    created_at: datetime
+    revoked: bool
+
+
+class NewApiKey(BaseModel):
+    tenant: str
+    id: int
+    api_key: str = Field(description="shown once: only a hash is stored")
+
+
+class JobShots(BaseModel):
+    spent: int
+    lost: int
+    reserved: int
+    limit: int | None
+    forecast: int | None
+    qpu_seconds: float
+    qpu_seconds_forecast: float | None
+
+
+class Job(BaseModel):
+    id: str
+    name: str | None
+    state: State
+    sub_state: SubState | None
+    reason: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    step: int
+    max_steps: int
+    loss: float | None
+    shots: JobShots
+    spec: dict[str, Any]
+    links: dict[str, str]
+
+
+class JobPage(BaseModel):
+    items: list[Job]
+    total: int
+    limit: int
+    offset: int
+    next_offset: int | None
+
+
+class LogLine(BaseModel):
+    seq: int
+    time: float
+    line: str
+
+
+class LogPage(BaseModel):
+    job_id: str
+    lines: list[LogLine]
+    next_after: int = Field(description="pass as ?after= to get only newer lines")
+    finished: bool
+
+
+class MetricPoint(BaseModel):
+    step: int
+    time: float
+    loss: float | None
+    eval: dict[str, Any] | None
+    shots_spent: int
+    qpu_s: float | None
+    tokens_per_s: float | None
+
+
+class Metrics(BaseModel):
+    job_id: str
+    points: list[MetricPoint]
+
+
+class Artifact(BaseModel):
+    name: str
+    kind: Literal["file", "directory"]
+    size: int | None
+    url: str
+
+
+class Backend(BaseModel):
+    spec: str = Field(description="the executor string for JobSpec.executor")
+    kind: Literal["simulator", "fake", "ibm"]
+    qubits: int
+    exact: bool
+    status: str
+
+
+class StepForecast(BaseModel):
+    forward_circuits: int
+    gradient_circuits_per_call: int
+    gradient_calls: int
+    circuits: int
+    shots: int
+
+
+class Forecast(BaseModel):
+    method: str
+    executor: str
+    gradient: str
+    qubits: int | None
+    parameters: int | None = Field(description="QNN angles P")
+    shots_per_circuit: int
+    per_step: StepForecast
+    max_steps: int
+    circuits: int
+    shots: int
+    qpu_seconds: float | None = Field(description="estimated QPU time (IBM devices), from the device's timing")
+    seconds_per_shot: float | None
+    formula: str
+    explanation: str
+
+
+class Estimate(Forecast):
+    budget_remaining: int | None = Field(description="shots the tenant can still spend; null: unlimited")
+    qpu_seconds_remaining: float | None
+    fits_budget: bool
+
+
+class Info(BaseModel):
+    version: str
+    mode: Literal["embedded", "cluster"]
+    ray_dashboard_url: str | None
+    ray_reachable: bool
+
+
+Tenant.model_rebuild()

@@ -1,0 +1,87 @@
+"""Settings from the environment (QPEFT_*), resolved once per app.
+
+Embedded mode (no RAY_ADDRESS / QPEFT_RAY_ADDRESS): a SQLite file and a local Ray head under the data
+dir. Cluster mode: QPEFT_DATABASE_URL (PostgreSQL) and the Ray cluster at the given address; the data dir
+(specs, artifacts) must then be storage the Ray nodes share.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import sys
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+
+def _default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(base) / "qpeft"
+
+
+class Settings(BaseModel):
+    data_dir: Path = Field(default_factory=_default_data_dir)
+    database_url: str | None = None  # None: sqlite file under data_dir
+    ray_address: str | None = None  # None: embedded (start or reuse a local Ray head)
+    ray_dashboard_url: str | None = None  # link shown on the dashboard; default: the job server's address
+    admin_key: str | None = None  # None: generated once in embedded mode and printed
+    pepper: str | None = None  # None: generated once and kept in data_dir/pepper
+    trainer_command: str = "{python} -m services.trainer"
+    trainer_python: str | None = None  # {python} above; None: this interpreter (embedded), `python` (cluster)
+    job_env: dict[str, str] = Field(default_factory=dict)  # extra env vars for every job
+    poll_s: float = 1.0  # reconciler period
+    start_ray: bool = True  # embedded mode may start a Ray head; False: never (tests, readonly tools)
+    ray_num_cpus: int | None = None  # embedded head's CPUs (None: all)
+    ray_qpu_slots: int = 2  # embedded head's "qpu" resource: concurrent quantum workers
+
+    @property
+    def embedded(self) -> bool:
+        return self.ray_address is None
+
+    @property
+    def db_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'qpeft.db').resolve()}"
+
+    @property
+    def python(self) -> str:
+        return self.trainer_python or (sys.executable if self.embedded else "python")
+
+    def job_dir(self, job_id: str) -> Path:
+        return (self.data_dir / "jobs" / job_id).resolve()
+
+    def resolved_pepper(self) -> str:
+        """The server pepper for API-key hashes; generated once and kept beside the database."""
+        if self.pepper:
+            return self.pepper
+        path = self.data_dir / "pepper"
+        if not path.exists():
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32))
+        return path.read_text().strip()
+
+    @classmethod
+    def from_env(cls, **overrides) -> Settings:
+        env = os.environ
+        values = {
+            "data_dir": env.get("QPEFT_DATA_DIR"),
+            "database_url": env.get("QPEFT_DATABASE_URL"),
+            "ray_address": env.get("QPEFT_RAY_ADDRESS") or env.get("RAY_ADDRESS"),
+            "ray_dashboard_url": env.get("QPEFT_RAY_DASHBOARD_URL"),
+            "admin_key": env.get("QPEFT_ADMIN_KEY"),
+            "pepper": env.get("QPEFT_PEPPER"),
+            "trainer_command": env.get("QPEFT_TRAINER_COMMAND"),
+            "trainer_python": env.get("QPEFT_TRAINER_PYTHON"),
+            "job_env": json.loads(env["QPEFT_JOB_ENV"]) if env.get("QPEFT_JOB_ENV") else None,
+            "poll_s": env.get("QPEFT_POLL_S"),
+            "ray_num_cpus": env.get("QPEFT_RAY_NUM_CPUS"),
+            "ray_qpu_slots": env.get("QPEFT_RAY_QPU_SLOTS"),
+        }
+        values = {k: v for k, v in values.items() if v is not None}
+        values.update(overrides)
+        return cls(**values)

@@ -1,0 +1,171 @@
+"""The control plane with a real Ray cluster (the session's, with its job server): jobs run through the Ray
+Jobs API, events come back from the Ray job log, shots go through the SQL ledger, cancellation and
+budget exhaustion end jobs cleanly, a restarted control plane picks up a job that finished while it was
+down, and the CLI drives it all over HTTP.
+
+The job entrypoint is tests/control_plane_standin_trainer.py, a STAND-IN that follows the trainer's
+contract; the lead switches the end-to-end test to `python -m services.trainer` once that exists."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+
+from services.control_plane.app import create_app
+from tests.test_control_plane_support import (  # noqa: F401  (fixtures)
+    SPEC,
+    LiveServer,
+    db_url,
+    make_settings,
+    new_tenant,
+    pg_admin,
+    sqlite_url,
+    wait_for,
+)
+
+STANDIN_SPEC = {**SPEC, "max_steps": 6}  # 100 shots x 3 circuits per step in the stand-in
+
+
+@pytest.fixture(scope="session")
+def ray_jobs_url(ray_cluster):
+    """The job server (dashboard) of the session's Ray cluster (conftest's `ray_cluster`)."""
+    return ray_cluster.dashboard_url
+
+
+def ray_app(tmp_path, url, ray_url, step_s=0.2):
+    settings = make_settings(
+        tmp_path / "data", url, ray_address=ray_url, poll_s=0.3, job_env={"QPEFT_STANDIN_STEP_S": str(step_s)}
+    )
+    return create_app(settings)
+
+
+def final(client, key, job_id, timeout=90):
+    def done():
+        j = client.get(f"/v1/jobs/{job_id}", headers=key).json()
+        return j if j["state"] not in ("QUEUED", "RUNNING") else None
+
+    return wait_for(done, timeout=timeout, what=f"job {job_id} to finish")
+
+
+def test_job_runs_on_ray(tmp_path, db_url, ray_jobs_url):  # noqa: F811
+    with TestClient(ray_app(tmp_path, db_url, ray_jobs_url)) as c:
+        key = new_tenant(c, "acme", shots=100_000)
+        job = c.post("/v1/jobs", json=STANDIN_SPEC, headers=key).json()
+        with c.stream("GET", f"/v1/jobs/{job['id']}/events", headers=key) as s:
+            events = [line[7:] for line in s.iter_lines() if line.startswith("event: ")]
+        assert events[-1] == "end" and events.count("progress") == 6
+        j = c.get(f"/v1/jobs/{job['id']}", headers=key).json()
+        assert (j["state"], j["reason"], j["step"]) == ("SUCCEEDED", "max_steps reached", 6)
+        # the shots the trainer committed in the SQL ledger, on the job's account and the tenant's
+        assert j["shots"]["spent"] == 6 * 300 and j["shots"]["reserved"] == 0
+        assert c.get("/v1/budget", headers=key).json()["shots"]["remaining"] == 100_000 - 1800
+        points = c.get(f"/v1/jobs/{job['id']}/metrics", headers=key).json()["points"]
+        assert [p["step"] for p in points] == [1, 2, 3, 4, 5, 6] and points[-1]["shots_spent"] == 1800
+        assert points[0]["loss"] > points[-1]["loss"]
+        lines = [x["line"] for x in c.get(f"/v1/jobs/{job['id']}/logs?tail=1000", headers=key).json()["lines"]]
+        assert any("stand-in trainer for job" in x for x in lines) and "step 6: loss 1.5943" in lines
+        names = {a["name"] for a in c.get(f"/v1/jobs/{job['id']}/artifacts", headers=key).json()}
+        assert names == {"adapter", "metrics.jsonl"}
+        assert c.get(f"/v1/jobs/{job['id']}/artifacts/adapter", headers=key).content[:2] == b"PK"
+        assert c.get("/readyz").status_code == 200
+        assert j["links"]["ray"].startswith(ray_jobs_url)
+
+
+def test_budget_exhaustion_and_cancel(tmp_path, sqlite_url, ray_jobs_url):  # noqa: F811
+    with TestClient(ray_app(tmp_path, sqlite_url, ray_jobs_url, step_s=0.3)) as c:
+        key = new_tenant(c, "acme", shots=10**7)
+        until = {**STANDIN_SPEC, "shot_limit": 700, "run_until_budget_ends": True}
+        broke = c.post("/v1/jobs", json=until, headers=key).json()["id"]
+        long = c.post("/v1/jobs", json={**STANDIN_SPEC, "max_steps": 500}, headers=key).json()["id"]
+        wait_for(lambda: c.get(f"/v1/jobs/{long}", headers=key).json()["step"] >= 1, what="the long job to start")
+        assert c.post(f"/v1/jobs/{long}/cancel", headers=key).status_code == 202
+        b, l_ = final(c, key, broke), final(c, key, long)
+        assert b["state"] == "BUDGET_EXHAUSTED" and "exhausted" in b["reason"]
+        assert (b["step"], b["shots"]["spent"], b["shots"]["limit"]) == (2, 600, 700)  # a 3rd step needs 900
+        assert l_["state"] == "CANCELLED" and l_["step"] < 500
+        assert c.get("/v1/budget", headers=key).json()["shots"]["reserved"] == 0
+
+
+def test_restart_picks_up_a_job_that_finished_meanwhile(tmp_path, sqlite_url, ray_jobs_url):  # noqa: F811
+    from ray.job_submission import JobSubmissionClient
+
+    app = ray_app(tmp_path, sqlite_url, ray_jobs_url, step_s=0.4)
+    with TestClient(app) as c:
+        key = new_tenant(c, "acme")
+        job_id = c.post("/v1/jobs", json={**STANDIN_SPEC, "max_steps": 5}, headers=key).json()["id"]
+        wait_for(lambda: c.get(f"/v1/jobs/{job_id}", headers=key).json()["step"] >= 1, what="the job to start")
+    # the control plane is down; the job goes on in Ray and finishes
+    ray = JobSubmissionClient(ray_jobs_url)
+    wait_for(lambda: ray.get_job_status(f"qpeft-{job_id}").value == "SUCCEEDED", timeout=60, what="Ray")
+    with TestClient(ray_app(tmp_path, sqlite_url, ray_jobs_url)) as c:
+        j = final(c, key, job_id, timeout=30)
+        assert (j["state"], j["step"]) == ("SUCCEEDED", 5)
+        steps = [p["step"] for p in c.get(f"/v1/jobs/{job_id}/metrics", headers=key).json()["points"]]
+        assert steps == [1, 2, 3, 4, 5]  # nothing lost, nothing stored twice
+
+
+def test_cli(tmp_path, sqlite_url, ray_jobs_url):  # noqa: F811
+    import httpx
+    from typer.testing import CliRunner
+
+    from services.cli import app as cli
+
+    with LiveServer(ray_app(tmp_path, sqlite_url, ray_jobs_url)) as server, httpx.Client(base_url=server.url) as c:
+        key = new_tenant(c, "acme", shots=50_000)
+        env = {"QPEFT_URL": server.url, "QPEFT_API_KEY": key["X-API-Key"], "COLUMNS": "160"}
+        run = CliRunner().invoke
+        spec = tmp_path / "spec.yaml"
+        spec.write_text(
+            "base_model: tiny-gpt2\ndataset: tinyshakespeare\nmethod: qpa\n"
+            "method_config: {r: 2, n_mlp: 64, qnn_depth: 2}\nexecutor: aer\nshots: 100\nmax_steps: 4\n"
+        )
+        r = run(cli, ["estimate", str(spec)], env=env)
+        assert r.exit_code == 0 and "6,800 shots" in r.output and "fits" in r.output, r.output
+        r = run(cli, ["submit", str(spec), "--follow"], env=env)
+        assert r.exit_code == 0, r.output
+        assert "SUCCEEDED" in r.output and "4/4" in r.output, r.output
+        job_id = r.output.split()[1]
+        r = run(cli, ["jobs"], env=env)
+        assert job_id in r.output and "SUCCEEDED" in r.output
+        r = run(cli, ["logs", job_id, "-f"], env=env)
+        assert "step 4: loss" in r.output
+        r = run(cli, ["budget"], env=env)
+        assert "50000" in r.output and "1200" in r.output, r.output
+        r = run(cli, ["cancel", job_id], env=env)
+        assert r.exit_code == 1 and "already finished" in r.output
+        bad = tmp_path / "bad.json"
+        bad.write_text(json.dumps({**SPEC, "method_config": {"r": -1}}))
+        r = run(cli, ["submit", str(bad)], env=env)
+        assert r.exit_code == 1 and "method_config.r" in r.output
+
+
+@pytest.mark.slow
+def test_real_trainer_end_to_end(tmp_path, sqlite_url, ray_jobs_url):  # noqa: F811
+    """The same path with the real trainer (`python -m services.trainer`): Ray Train, the quantum pool on
+    the "qpu" resource, shots through the SQL ledger, adapter and LoRA export as artifacts."""
+    settings = make_settings(
+        tmp_path / "data",
+        sqlite_url,
+        ray_address=ray_jobs_url,
+        poll_s=0.5,
+        trainer_command="{python} -m services.trainer",
+    )
+    spec = {
+        **SPEC,
+        "max_steps": 3,
+        "shots": 64,
+        "dataset": {"train": "tinyshakespeare", "limit": 200, "max_length": 32},
+    }
+    with TestClient(create_app(settings)) as c:
+        key = new_tenant(c, "acme", shots=100_000)
+        job = c.post("/v1/jobs", json=spec, headers=key).json()
+        j = final(c, key, job["id"], timeout=300)
+        assert j["state"] == "SUCCEEDED", j["reason"]
+        assert j["step"] == 3 and j["shots"]["spent"] == job["shots"]["forecast"] == 3 * 17 * 64
+        assert j["shots"]["reserved"] == 0
+        names = {a["name"] for a in c.get(f"/v1/jobs/{job['id']}/artifacts", headers=key).json()}
+        assert {"adapter", "lora"} <= names
+        points = c.get(f"/v1/jobs/{job['id']}/metrics", headers=key).json()["points"]
+        assert [p["step"] for p in points] == [1, 2, 3]
