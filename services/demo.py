@@ -1,0 +1,208 @@
+"""The service part of `make demo`: the QPA fine-tune as jobs through the embedded control plane.
+
+Starts the control plane in embedded mode (SQLite and a local Ray head under a temporary data dir, the API
+and dashboard on a free 127.0.0.1 port), creates a tenant with a small shot budget, submits a QPA job on a
+shot-based simulator (Aer, parameter shift) and one on the exact executor over the REST API, follows both,
+downloads the LoRA artifact, generates from it with plain transformers + peft, and stops everything it
+started. qpeft_core.demo calls `run_service_demo` lazily, so qpeft_core never imports ray or fastapi.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+FINAL = ("SUCCEEDED", "FAILED", "CANCELLED", "BUDGET_EXHAUSTED")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _follow(client, job: dict, console) -> dict:
+    """Poll the job (no SSE: an open stream would hold the server's shutdown) with a progress bar."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = [
+        TextColumn("[bold]{task.fields[state]}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}  shots {task.fields[shots]}"),
+        TimeElapsedColumn(),
+    ]
+    with Progress(*columns, console=console) as bar:
+        task = bar.add_task(job["id"], total=job["max_steps"], state=job["state"], loss="-", shots="0")
+        while job["state"] not in FINAL:
+            time.sleep(0.5)
+            job = client.get(f"/v1/jobs/{job['id']}").raise_for_status().json()
+            sub = f" {job['sub_state']}" if job.get("sub_state") else ""
+            loss = "-" if job["loss"] is None else f"{job['loss']:.4f}"
+            bar.update(
+                task, completed=job["step"], state=job["state"] + sub, loss=loss, shots=f"{job['shots']['spent']:,}"
+            )
+    return job
+
+
+def _processes() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, command line) of every process, from `ps`."""
+    ps = subprocess.run(["ps", "-eo", "pid=,ppid=,args="], capture_output=True, text=True).stdout
+    rows = (line.split(None, 2) for line in ps.splitlines() if line.strip())
+    return {int(r[0]): (int(r[1]), r[2] if len(r) > 2 else "") for r in rows}
+
+
+def _tree(root: int) -> dict[int, str]:
+    """The process `root` and all its descendants (Ray's workers run in their own sessions, so the head's
+    process group alone would miss them)."""
+    procs, found = _processes(), {}
+    todo = [root] if root in procs else []
+    while todo:
+        pid = todo.pop()
+        found[pid] = procs[pid][1]
+        todo += [p for p, (ppid, _) in procs.items() if ppid == pid]
+    return found
+
+
+def _still_running(tree: dict[int, str]) -> dict[int, str]:
+    procs = _processes()
+    return {pid: args for pid, args in tree.items() if pid in procs and procs[pid][1] == args}
+
+
+def run_service_demo(model: str, data_dir, device: str = "cpu", steps: int = 10, quick: bool = False) -> dict:
+    """Run the two jobs and return a summary (job states, shots, the generated sample, leftover processes)."""
+    import httpx
+    import torch
+    import transformers
+    import uvicorn
+    from peft import PeftModel
+    from rich.console import Console
+
+    from qpeft_core.train import load_model
+    from services.control_plane import db
+    from services.control_plane.app import create_app
+    from services.control_plane.ray_jobs import stop_local_head
+    from services.control_plane.settings import Settings
+
+    console = Console()
+    # The API validates dataset names against this folder, and the trainer (a Ray job) reads it too.
+    os.environ["QPEFT_SHARED_DATA"] = str(Path(data_dir).resolve())
+    work = Path(tempfile.mkdtemp(prefix="qpeft-service-demo-"))
+    admin = secrets.token_urlsafe(24)
+    settings = Settings(
+        data_dir=work / "data",
+        admin_key=admin,
+        poll_s=0.5,
+        trainer_command="{python} -m services.trainer",
+        job_env={"QPEFT_SHARED_DATA": os.environ["QPEFT_SHARED_DATA"]},
+    )
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    summary: dict = {"dashboard": f"{url}/dashboard/"}
+    ray_state = settings.data_dir / "ray.json"
+    head: dict = {}
+    try:
+        while not server.started:
+            if not thread.is_alive():
+                raise RuntimeError("the control plane did not start")
+            time.sleep(0.1)
+        console.print(f"control plane (embedded: SQLite, local Ray head) at {url}; dashboard: {url}/dashboard/")
+        with httpx.Client(base_url=url, timeout=60) as c:
+            # The reconciler starts the Ray head in the background; /readyz answers 200 once it is up.
+            deadline = time.time() + 300
+            while c.get("/readyz").status_code != 200:
+                if time.time() > deadline:
+                    raise RuntimeError(f"the local Ray head did not come up; see {settings.data_dir / 'ray-head.log'}")
+                time.sleep(1)
+            head = json.loads(ray_state.read_text())
+            console.print(f"local Ray head: GCS {head['gcs_address']}, Ray dashboard {head['dashboard_url']}")
+
+            max_length, batch = (64, 2) if quick else (128, 4)
+            base = {
+                "base_model": model,
+                "dataset": {"train": "wikitext-2", "eval": "wikitext-2-test", "max_length": max_length, "limit": 64},
+                "method": "qpa",
+                "method_config": {"r": 4, "quantum_grad": "per_step"},
+                "training": {"batch_size": batch, "lr": 2e-3, "warmup_steps": 1, "eval_max_batches": 2},
+            }
+            sampled = {**base, "name": "qpa on aer", "executor": "aer", "shots": 256, "gradient": "parameter_shift"}
+            sampled["max_steps"] = 2 if quick else 3
+            exact = {**base, "name": "qpa exact", "executor": "exact", "max_steps": steps}
+            tenant = c.post("/v1/tenants", json={"name": "demo", "shots": None}, headers={"X-API-Key": admin})
+            key = {"X-API-Key": tenant.raise_for_status().json()["api_key"]}
+            c.headers.update(key)
+            # A budget of twice the Aer job's forecast: enough for it, small enough to matter.
+            shots_needed = c.post("/v1/estimate", json=sampled).raise_for_status().json()["shots"]
+            budget = 2 * shots_needed
+            c.put("/v1/tenants/demo/budget", json={"shots": budget}, headers={"X-API-Key": admin}).raise_for_status()
+            console.print(f"tenant 'demo' with a budget of {budget:,} shots (the Aer job's forecast: {shots_needed:,})")
+
+            jobs = []
+            for spec in (sampled, exact):
+                job = c.post("/v1/jobs", json=spec).raise_for_status().json()
+                shots = "exact, no shots" if spec.get("shots") is None else f"{spec['shots']} shots per circuit"
+                console.print(
+                    f"\njob {job['id']}: {spec['name']} ({model}, {spec['max_steps']} steps, {shots}); "
+                    f"forecast {job['shots']['forecast'] or 0:,} shots; {url}/dashboard/"
+                )
+                job = _follow(c, job, console)
+                console.print(f"{job['state']}: {job['reason'] or ''} (Ray job: {job['links'].get('ray', '-')})")
+                jobs.append(job)
+            b = c.get("/v1/budget").raise_for_status().json()["shots"]
+            console.print(f"\nshots spent {b['spent']:,} of a budget of {b['limit']:,} ({b['remaining']:,} left)")
+            summary.update(jobs=[(j["id"], j["state"], j["step"], j["shots"]["spent"]) for j in jobs], budget=b)
+
+            last = jobs[-1]
+            if last["state"] != "SUCCEEDED":
+                raise RuntimeError(f"job {last['id']} ended {last['state']}: {last['reason']}")
+            archive = work / "lora.zip"
+            archive.write_bytes(c.get(f"/v1/jobs/{last['id']}/artifacts/lora").raise_for_status().content)
+        lora_dir = work / "lora"
+        zipfile.ZipFile(archive).extractall(lora_dir)
+        console.print(f"downloaded the LoRA artifact of {last['id']} to {lora_dir}")
+
+        # Inference with plain transformers + peft, on a fresh base model: no service, no quantum software.
+        transformers.utils.logging.disable_progress_bar()
+        fresh, tok = load_model(model, device=device)
+        plain = PeftModel.from_pretrained(fresh, str(lora_dir)).eval()
+        prompt = tok("The history of the city", return_tensors="pt").to(device)
+        with torch.no_grad():
+            ids = plain.generate(**prompt, max_new_tokens=24, do_sample=False, pad_token_id=tok.pad_token_id)
+        summary["sample"] = tok.decode(ids[0], skip_special_tokens=True)
+        console.print(f"generated with transformers + peft from the job's LoRA: {summary['sample']!r}")
+    finally:
+        server.should_exit = True  # the lifespan stops the reconciler
+        thread.join(timeout=30)
+        if not head and ray_state.exists():  # the head was starting when something failed
+            head = json.loads(ray_state.read_text())
+        tree = _tree(head["pgid"]) if head.get("pgid") else {}
+        stop_local_head(settings.data_dir)
+        db.dispose(settings.db_url)
+        for _ in range(40):  # Ray's workers exit a moment after the head
+            if not _still_running(tree):
+                break
+            time.sleep(0.5)
+        for pid in _still_running(tree):  # ours, started for this demo: end them by id
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        left = _still_running(tree)
+        summary["left_processes"] = left
+        console.print(
+            f"stopped the API server and the local Ray head ({len(tree)} processes); "
+            + ("none left running" if not left else f"[red]still running:[/red] {left}")
+        )
+    return summary
