@@ -56,6 +56,19 @@ def _follow(client, job: dict, console) -> dict:
     return job
 
 
+def _report(client, job: dict, console, summary: dict) -> None:
+    """The trainer's parameter count (from its log) and the perplexity of its evaluations (from its metrics)."""
+    lines = client.get(f"/v1/jobs/{job['id']}/logs", params={"tail": 500}).raise_for_status().json()["lines"]
+    counts = [ln["line"] for ln in lines if "trainable parameters" in ln["line"]]
+    if counts:
+        console.print(counts[-1])
+    points = client.get(f"/v1/jobs/{job['id']}/metrics").raise_for_status().json()["points"]
+    ppl = [(p["step"], p["eval"]["ppl"]) for p in points if p["eval"] and "ppl" in p["eval"]]
+    if ppl:
+        console.print("perplexity on the held-out text: " + " -> ".join(f"{v:.2f} (step {s})" for s, v in ppl))
+        summary.setdefault("perplexity", {})[job["id"]] = ppl
+
+
 def _processes() -> dict[int, tuple[int, str]]:
     """pid -> (parent pid, command line) of every process, from `ps`."""
     ps = subprocess.run(["ps", "-eo", "pid=,ppid=,args="], capture_output=True, text=True).stdout
@@ -142,6 +155,7 @@ def run_service_demo(model: str, data_dir, device: str = "cpu", steps: int = 10,
             sampled = {**base, "name": "qpa on aer", "executor": "aer", "shots": 256, "gradient": "parameter_shift"}
             sampled["max_steps"] = 2 if quick else 3
             exact = {**base, "name": "qpa exact", "executor": "exact", "max_steps": steps}
+            exact["training"] = {**base["training"], "eval_at_start": True}
             tenant = c.post("/v1/tenants", json={"name": "demo", "shots": None}, headers={"X-API-Key": admin})
             key = {"X-API-Key": tenant.raise_for_status().json()["api_key"]}
             c.headers.update(key)
@@ -161,6 +175,7 @@ def run_service_demo(model: str, data_dir, device: str = "cpu", steps: int = 10,
                 )
                 job = _follow(c, job, console)
                 console.print(f"{job['state']}: {job['reason'] or ''} (Ray job: {job['links'].get('ray', '-')})")
+                _report(c, job, console, summary)
                 jobs.append(job)
             b = c.get("/v1/budget").raise_for_status().json()["shots"]
             console.print(f"\nshots spent {b['spent']:,} of a budget of {b['limit']:,} ({b['remaining']:,} left)")

@@ -174,6 +174,9 @@ class TrainingSpec(_Model):
     schedule: Literal["linear", "cosine", "constant"] = "linear"
     max_grad_norm: float | None = Field(1.0, gt=0)
     eval_every: int = Field(0, ge=0, description="optimizer steps between evaluations; 0: only at the end")
+    eval_at_start: bool = Field(
+        False, description="also evaluate before the first step (step 0), for a before/after comparison"
+    )
     eval_batch_size: int = Field(8, ge=1, le=4096)
     eval_max_batches: int | None = Field(None, ge=1)
     save_every: int = Field(0, ge=0, description="optimizer steps between checkpoints; 0: end and stop only")

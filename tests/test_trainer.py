@@ -75,9 +75,10 @@ def of_type(result, kind):
 
 @pytest.fixture(scope="module")
 def baseline(ray_cluster, corpus, tmp_path_factory):
-    """QPA, exact executor, 2 replicas, 6 steps, a checkpoint every 2: the reference run."""
+    """QPA, exact executor, 2 replicas, 6 steps, a checkpoint every 2, an evaluation before step 1: the
+    reference run (the resumed run of the kill test skips that evaluation and must still end the same)."""
     tmp = tmp_path_factory.mktemp("baseline")
-    run, result = fit(make_spec(corpus), tmp, "baseline")
+    run, result = fit(make_spec(corpus, training={"eval_at_start": True}), tmp, "baseline")
     return result
 
 
@@ -89,7 +90,9 @@ def test_two_replicas_share_one_pool_call_per_step(baseline):
     # moved: that is 7 angle sets (initial, after each step) less one, as step 1 leaves them where they were
     # (B's gate starts at 0, so dL/dp = 0 and Adam's first update of theta is 0).
     assert (r.pool_stats["forward"], r.pool_stats["gradient"]) == (6, 6)
-    progress = of_type(r, "progress")
+    # the evaluation before step 1 (eval_at_start) measured the initial angles, which step 1 then reused
+    start, *progress = of_type(r, "progress")
+    assert start["step"] == 0 and start["eval"]["ppl"] > progress[-1]["eval"]["ppl"] > 1
     assert [e["step"] for e in progress] == [1, 2, 3, 4, 5, 6]
     calls = [0] + [e["pool_calls"] for e in progress]
     assert all(
@@ -104,7 +107,7 @@ def test_two_replicas_share_one_pool_call_per_step(baseline):
     ck = Path(r.checkpoint)
     assert ck.name == "checkpoint-00000006"
     state = json.loads((ck / "trainer_state.json").read_text())
-    assert state["step"] == 6 and state["data"]["index"] > 0 and len(state["history"]) == 6
+    assert state["step"] == 6 and state["data"]["index"] > 0 and len(state["history"]) == 7  # steps 0..6
     assert (ck / "state.pt").is_file() and (ck / "adapter" / "adapter_config.json").is_file()
     assert set(r.artifacts) == {"adapter", "lora"}
     assert (Path(r.artifacts["lora"]) / "adapter_config.json").is_file()
@@ -247,6 +250,7 @@ def test_entry_point_end_to_end(ray_cluster, corpus, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     kinds = [e["type"] for e in evs]
     assert kinds[0] == "log" and kinds[-1] == "result" and kinds.count("result") == 1
+    assert any(e["type"] == "log" and e["message"].startswith("trainable parameters (lora): ") for e in evs)
     assert evs[-1]["state"] == "SUCCEEDED" and evs[-1]["reason"] == "trained 3 steps"
     assert [e["sub_state"] for e in evs if e["type"] == "state"] == ["TRAINING"]  # no quantum pool for LoRA
     progress = [e for e in evs if e["type"] == "progress"]

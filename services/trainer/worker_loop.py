@@ -206,6 +206,18 @@ def train_loop_per_worker(config: dict) -> None:
     def pool_stats():
         return ray.get(pool.stats.remote()) if shared is not None and rank == 0 else {}
 
+    trainable, total = raw.get_nb_trainable_parameters()
+    say("log", message=f"trainable parameters ({spec.method}): {trainable:,} of {total:,}")
+    if tc.eval_at_start and step == 0:
+        try:  # collective; the first step reuses these probabilities (same angles), so this costs no extra shots
+            if shared is not None:
+                raw.method.quantum_probs()
+            ev = evaluate(raw, eval_data, tc.eval_batch_size, None, tc.eval_max_batches) if rank == 0 else {}
+            history.append({"step": 0, **{f"eval_{k}": v for k, v in ev.items()}})
+            say("progress", step=0, max_steps=spec.max_steps, eval=ev, shots_spent=pool_stats().get("shots", 0))
+        except BudgetStop:
+            pass  # the first step meets the same refusal and reports it
+
     state, reason, inside = "SUCCEEDED", f"trained {spec.max_steps} steps", False  # inside: stopped mid-step
     model.train()
     while step < spec.max_steps:
