@@ -274,7 +274,8 @@ def test_job_lifecycle_from_trainer_events(env_any_db, monkeypatch):
         assert "".join(s.iter_text()) == "saved checkpoint\n"  # the job is over: the follow ends
 
     prom = c.get("/metrics").text
-    assert 'qpeft_jobs{state="SUCCEEDED"} 1.0' in prom and "qpeft_pool_calls_total 2.0" in prom
+    assert 'qpeft_jobs{state="SUCCEEDED",tenant="acme"} 1.0' in prom
+    assert 'qpeft_pool_calls_total{tenant="acme"} 2.0' in prom and 'qpeft_shots_spent_total{tenant="acme"}' in prom
     assert 'qpeft_http_request_duration_seconds_count{method="GET",route="/v1/jobs/{job_id}"' in prom
 
 

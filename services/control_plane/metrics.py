@@ -13,30 +13,42 @@ from .models import STATES, Budget, Job
 
 
 class DbCollector:
+    """Labelled by tenant: a tenant is an account an operator bills, and their count stays small."""
+
     def __init__(self, sessions):
         self.sessions = sessions
 
     def collect(self):
         with self.sessions() as db:
-            by_state = dict(db.execute(select(Job.state, func.count()).group_by(Job.state)).all())
-            spent, lost, reserved, qpu = db.execute(
-                select(
-                    func.coalesce(func.sum(Budget.spent), 0),
-                    func.coalesce(func.sum(Budget.lost), 0),
-                    func.coalesce(func.sum(Budget.reserved), 0),
-                    func.coalesce(func.sum(Budget.qpu_s_spent), 0.0),
-                ).where(Budget.parent.is_(None))  # tenant accounts; job accounts are counted in them too
-            ).one()
-            calls = db.scalar(select(func.coalesce(func.sum(Job.pool_calls), 0)))
-        jobs = GaugeMetricFamily("qpeft_jobs", "Jobs by state", labels=["state"])
-        for state in STATES:
-            jobs.add_metric([state], by_state.get(state, 0))
+            by_state = db.execute(select(Job.tenant, Job.state, func.count()).group_by(Job.tenant, Job.state)).all()
+            accounts = db.execute(
+                select(Budget.key, Budget.spent, Budget.lost, Budget.reserved, Budget.qpu_s_spent).where(
+                    Budget.parent.is_(None)  # tenant accounts; job accounts are counted in them too
+                )
+            ).all()
+            calls = db.execute(
+                select(Job.tenant, func.coalesce(func.sum(Job.pool_calls), 0)).group_by(Job.tenant)
+            ).all()
+        jobs = GaugeMetricFamily("qpeft_jobs", "Jobs by tenant and state", labels=["tenant", "state"])
+        counts = {(t, s): n for t, s, n in by_state}
+        for tenant in sorted({t for t, _ in counts}):
+            for state in STATES:
+                jobs.add_metric([tenant, state], counts.get((tenant, state), 0))
         yield jobs
-        yield CounterMetricFamily("qpeft_shots_spent", "Shots committed over all tenants", value=spent)
-        yield CounterMetricFamily("qpeft_shots_lost", "Shots charged as lost (failed calls)", value=lost)
-        yield GaugeMetricFamily("qpeft_shots_reserved", "Shots held by calls in flight", value=reserved)
-        yield CounterMetricFamily("qpeft_qpu_seconds", "QPU seconds charged over all tenants", value=qpu)
-        yield CounterMetricFamily("qpeft_pool_calls", "Quantum pool calls reported by trainers", value=calls)
+        families = {
+            "spent": CounterMetricFamily("qpeft_shots_spent", "Shots committed", labels=["tenant"]),
+            "lost": CounterMetricFamily("qpeft_shots_lost", "Shots charged as lost (failed calls)", labels=["tenant"]),
+            "reserved": GaugeMetricFamily("qpeft_shots_reserved", "Shots held by calls in flight", labels=["tenant"]),
+            "qpu": CounterMetricFamily("qpeft_qpu_seconds", "QPU seconds charged", labels=["tenant"]),
+        }
+        for key, spent, lost, reserved, qpu in accounts:
+            for name, value in zip(families, (spent, lost, reserved, qpu or 0.0), strict=True):
+                families[name].add_metric([key], value)
+        yield from families.values()
+        pool = CounterMetricFamily("qpeft_pool_calls", "Quantum pool calls reported by trainers", labels=["tenant"])
+        for tenant, n in calls:
+            pool.add_metric([tenant], n)
+        yield pool
 
 
 class Metrics:
