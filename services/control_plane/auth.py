@@ -69,13 +69,13 @@ def principal(
     return Principal(row.tenant, row.is_admin)
 
 
-def tenant(p: Annotated[Principal, Depends(principal)]) -> str:
+async def tenant(p: Annotated[Principal, Depends(principal)]) -> str:  # async: no I/O, no threadpool hop
     if p.tenant is None:
         raise ApiError(403, "this route needs a tenant key, not the admin key", "header.X-API-Key", "use a tenant key")
     return p.tenant
 
 
-def admin(p: Annotated[Principal, Depends(principal)]) -> Principal:
+async def admin(p: Annotated[Principal, Depends(principal)]) -> Principal:
     if not p.admin:
         raise ApiError(403, "this route needs the admin key", "header.X-API-Key", "use the admin key")
     return p
