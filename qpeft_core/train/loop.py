@@ -71,7 +71,10 @@ class TrainResult:
     quantum: dict | None = None  # the model's cumulative quantum usage, if it reports one
 
 
-def _lr_lambda(cfg: TrainConfig):
+def lr_factor(cfg: TrainConfig):
+    """The LR multiplier per optimizer step, for LambdaLR (the Ray trainer uses it too). Not transformers'
+    get_scheduler: its warmup starts at 0, so the first optimizer step would not move the weights."""
+
     def factor(step: int) -> float:  # step = optimizer steps already taken
         if step < cfg.warmup_steps:
             return (step + 1) / cfg.warmup_steps
@@ -131,7 +134,7 @@ def train(
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     # The scheduler is not passed to prepare(): Accelerate would step it once per process, and here a step
     # means one optimizer step whatever the number of processes.
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg))
     model, optimizer = accelerator.prepare(model, optimizer)
     raw = accelerator.unwrap_model(model)
     hook = getattr(raw, "before_optimizer_step", None)

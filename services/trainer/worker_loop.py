@@ -27,7 +27,7 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from qpeft_core.adapters import get_qpeft_model
 from qpeft_core.quantum.backend import ExecutionResult, Usage
 from qpeft_core.train import Batches, TrainConfig, checkpoint, evaluate, load_data, load_model, make_lora_model
-from qpeft_core.train.loop import _lr_lambda
+from qpeft_core.train.loop import lr_factor
 from services.jobspec import JobSpec
 
 from . import events
@@ -186,7 +186,7 @@ def train_loop_per_worker(config: dict) -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
     lr_cfg = TrainConfig(max_steps=spec.max_steps, warmup_steps=tc.warmup_steps, schedule=tc.schedule)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(lr_cfg))  # stepped once per optimizer step
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(lr_cfg))  # stepped once per optimizer step
     model, opt = acc.prepare(model, opt)
     raw = acc.unwrap_model(model)
     hook = getattr(raw, "before_optimizer_step", None)
