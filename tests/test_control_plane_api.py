@@ -12,6 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from services.control_plane.app import create_app
+from services.control_plane.ray_jobs import job_database_url
 from tests.test_control_plane_support import (  # noqa: F401  (fixtures)
     ADMIN,
     SPEC,
@@ -214,6 +215,7 @@ def test_job_lifecycle_from_trainer_events(env_any_db, monkeypatch):
     assert sub["env"]["QPEFT_JOB_ID"] == jid and sub["env"]["QPEFT_TENANT"] == "acme"
     assert sub["env"]["QPEFT_LEDGER_KEY"] == f"job:{jid}"
     assert "very-secret-token" not in json.dumps(sub)  # IBM credentials never travel with a job
+    assert sub["env"]["QPEFT_DATABASE_URL"] == job_database_url(app.state.settings.db_url)
     spec_file = json.loads((app.state.settings.job_dir(jid) / "spec.json").read_text())
     assert spec_file["method_config"]["target_modules"] == ["c_attn"]
 
@@ -366,3 +368,10 @@ def test_operations(env):
     assert {"/v1/jobs", "/v1/jobs/{job_id}/events", "/v1/estimate", "/v1/backends"} <= set(schema["paths"])
     nf = c.get("/v1/nowhere")
     assert nf.status_code == 404 and nf.json()["errors"][0]["fix"]
+
+
+def test_jobs_get_the_database_url_without_its_password():
+    # Ray shows a job's runtime_env on its dashboard: the password stays on the nodes (PGPASSWORD)
+    url = "postgresql+psycopg://qpeft:s3cret@db.internal:5432/qpeft"
+    assert job_database_url(url) == "postgresql+psycopg://qpeft@db.internal:5432/qpeft"
+    assert job_database_url("sqlite:////var/lib/qpeft/qpeft.db") == "sqlite:////var/lib/qpeft/qpeft.db"

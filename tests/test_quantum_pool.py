@@ -13,6 +13,7 @@ from qpeft_core.quantum.ansatz import qpa_ansatz
 from qpeft_core.quantum.backend import ExecutionResult, TorchBackend
 from qpeft_core.quantum.gradients import QNN
 from services.quantum_pool import BudgetExhausted, InMemoryLedger, QuantumPool
+from services.quantum_pool.pool import worker_resources
 
 ANSATZ = qpa_ansatz(4, 3)
 ray_test = pytest.mark.usefixtures("ray_cluster")
@@ -97,6 +98,16 @@ def test_ledger_threads_never_overspend():
     acc = led.account("t")
     assert refused and acc.reserved == 0
     assert acc.spent + acc.lost <= 10_000 and acc.remaining == 10_000 - acc.spent - acc.lost >= 0
+
+
+def test_worker_resources_follow_the_worker_groups_a_cluster_offers():
+    plain = {"CPU": 4.0, "qpu": 2.0}
+    groups = {"CPU": 4.0, "qpu": 3.0, "qpu_aer": 2.0, "qpu_ibm": 1.0}
+    assert worker_resources("ibm:ibm_brisbane", plain) == worker_resources("aer", plain) == {"qpu": 1}
+    assert worker_resources("ibm:ibm_brisbane", groups) == {"qpu": 1, "qpu_ibm": 1}
+    for simulator in ("exact", "aer", "aer-noisy:fake_manila", "fake-ibm:fake_manila"):
+        assert worker_resources(simulator, groups) == {"qpu": 1, "qpu_aer": 1}
+    assert worker_resources(TestExecutor, groups) == {"qpu": 1}
 
 
 # --- the pool on real local Ray -----------------------------------------------------------------------

@@ -59,8 +59,10 @@ class RayJobs:
         import requests
 
         try:
-            self.client  # noqa: B018  (resolves a non-HTTP address such as 'auto' to the job server)
-            return requests.get(f"{self.dashboard_url}/api/version", timeout=3).ok
+            # the client's headers carry the Ray auth token when token auth is on; its own get_version() would
+            # do the same request but has no timeout
+            headers = self.client._headers
+            return requests.get(f"{self.dashboard_url}/api/version", headers=headers, timeout=3).ok
         except Exception:
             self._client = None
             return False
@@ -94,13 +96,32 @@ class RayJobs:
         self.client.stop_job(submission_id)
 
 
+def job_database_url(url: str) -> str:
+    """The database URL a job gets, without its password: Ray shows a job's runtime_env to anyone who can
+    open its dashboard. Jobs take the password from PGPASSWORD on their nodes (libpq reads it), which the
+    embedded head gets from the control plane and deploy/ sets on cluster nodes."""
+    from sqlalchemy.engine import URL, make_url
+
+    u = make_url(url)  # URL.set(password=None) keeps the password (None means "unchanged" there)
+    u = URL.create(u.drivername, u.username, None, u.host, u.port, u.database, u.query)
+    return u.render_as_string(hide_password=False)
+
+
+def database_password(url: str) -> str | None:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).password
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def start_local_head(data_dir: Path, num_cpus: int | None = None, qpu_slots: int = 2) -> str:
+def start_local_head(
+    data_dir: Path, num_cpus: int | None = None, qpu_slots: int = 2, env: dict[str, str] | None = None
+) -> str:
     """Embedded mode: reuse the local Ray head recorded in data_dir/ray.json, or start one. The head is
     `ray start --head --block` in its own session (process group), so running jobs outlive a restart of
     the control plane; `stop_local_head` ends it. GCS and the job server get free ports (6379 may belong
@@ -124,7 +145,7 @@ def start_local_head(data_dir: Path, num_cpus: int | None = None, qpu_slots: int
     data_dir.mkdir(parents=True, exist_ok=True)
     log.info("starting a local Ray head: %s", " ".join(cmd))
     with open(data_dir / "ray-head.log", "ab") as out:
-        head = subprocess.Popen(cmd, stdout=out, stderr=out, start_new_session=True)
+        head = subprocess.Popen(cmd, stdout=out, stderr=out, start_new_session=True, env={**os.environ, **(env or {})})
     url = f"http://127.0.0.1:{dash}"
     state.write_text(json.dumps({"gcs_address": f"127.0.0.1:{gcs}", "dashboard_url": url, "pgid": head.pid}))
     deadline = time.time() + 180
@@ -200,7 +221,9 @@ class Reconciler:
                 self.ray = RayJobs(self.settings.ray_address)
             elif self.settings.start_ray:
                 s = self.settings
-                self.ray = RayJobs(start_local_head(s.data_dir, s.ray_num_cpus, s.ray_qpu_slots))
+                password = database_password(s.db_url)  # jobs get the URL without it (job_database_url)
+                env = {"PGPASSWORD": password} if password else None
+                self.ray = RayJobs(start_local_head(s.data_dir, s.ray_num_cpus, s.ray_qpu_slots, env))
         return self.ray
 
     # --- one pass ----------------------------------------------------------------------------------
@@ -267,7 +290,7 @@ class Reconciler:
         (jdir / "artifacts").mkdir(parents=True, exist_ok=True)
         entry = self.settings.trainer_command.format(python=shlex.quote(self.settings.python))
         env = {
-            "QPEFT_DATABASE_URL": self.settings.db_url,
+            "QPEFT_DATABASE_URL": job_database_url(self.settings.db_url),
             "QPEFT_JOB_ID": job.id,
             "QPEFT_TENANT": job.tenant,
             "QPEFT_LEDGER_KEY": f"job:{job.id}",

@@ -40,6 +40,16 @@ class WorkerHung(RuntimeError):
     pass
 
 
+def worker_resources(executor, offered: dict[str, float]) -> dict[str, float]:
+    """What one quantum worker asks Ray for: a `qpu` slot, and its worker group's own resource where the
+    cluster offers one (deploy/: `qpu_ibm` on nodes holding IBM credentials, `qpu_aer` on simulator nodes).
+    So an ibm:<device> job's workers land only where the credentials are, and simulators stay off them."""
+    if not isinstance(executor, str):  # an executor class (benchmarks, tests): any qpu slot
+        return {"qpu": 1}
+    group = "qpu_ibm" if executor.startswith("ibm:") else "qpu_aer"
+    return {"qpu": 1, group: 1} if offered.get(group) else {"qpu": 1}
+
+
 class QuantumPool:
     def __init__(
         self,
@@ -63,7 +73,8 @@ class QuantumPool:
         self.ansatz, self.key = ansatz, key
         self.ledger = ledger if ledger is not None else InMemoryLedger()
         self.call_timeout_s, self.max_attempts, self.min_share = call_timeout_s, max_attempts, min_share
-        actor = remote_worker(resources or {"qpu": 1}, num_cpus, max_restarts)
+        resources = resources or worker_resources(spec, ray.cluster_resources())
+        actor = remote_worker(resources, num_cpus, max_restarts)
         self.workers = [actor.remote(spec, ansatz, options) for _ in range(n_workers)]
         try:
             infos = ray.get([w.info.remote() for w in self.workers], timeout=start_timeout_s)
@@ -71,7 +82,7 @@ class QuantumPool:
             self.shutdown()
             raise RuntimeError(
                 f"{n_workers} quantum workers did not start within {start_timeout_s} s; each needs "
-                f"{resources or {'qpu': 1}} and the cluster has {ray.cluster_resources()}"
+                f"{resources} and the cluster has {ray.cluster_resources()}"
             ) from None
         self.name, self.exact, self.max_qubits = infos[0]["name"], infos[0]["exact"], infos[0]["max_qubits"]
         check_qubits(ansatz, self.max_qubits, f"executor {self.name}")
