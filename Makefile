@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha1sum | cut -c1-12)
 
-.PHONY: install browser test lint format demo bench clean
+.PHONY: install browser deploy-tools test lint format demo bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,12 @@ browser:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo -n ); \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null; }
 
+# The deployment tests lint deploy/slurm with shellcheck (Debian's package).
+deploy-tools:
+	@command -v shellcheck >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo -n ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq shellcheck >/dev/null; }
+
 install: $(STAMP)
 
 lint: install
@@ -32,7 +38,7 @@ format: install
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-test: lint browser
+test: lint browser deploy-tools
 	$(PY) -m pytest -q
 
 demo: install
