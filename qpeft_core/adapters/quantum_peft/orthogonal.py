@@ -20,7 +20,7 @@ orthogonal up to rounding, never by padding and cropping.
 from __future__ import annotations
 
 import math
-from functools import lru_cache, reduce
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -48,9 +48,13 @@ class Orthogonal:
         if thetas.shape[-1:] != (self.n_params,) or thetas.dim() > 2:
             raise ValueError(f"{self} takes [B, {self.n_params}] angles, got shape {tuple(thetas.shape)}")
         batch = thetas.reshape(-1, self.n_params)
-        basis = torch.eye(k, self.dim, dtype=thetas.dtype, device=thetas.device).expand(batch.shape[0], k, self.dim)
-        cols = self.apply(batch, basis).transpose(1, 2)
+        cols = self._columns(batch, k)
         return cols if thetas.dim() == 2 else cols[0]
+
+    def _columns(self, thetas: torch.Tensor, k: int) -> torch.Tensor:
+        """[B, dim, k] for thetas [B, P]."""
+        basis = torch.eye(k, self.dim, dtype=thetas.dtype, device=thetas.device).expand(thetas.shape[0], k, self.dim)
+        return self.apply(thetas, basis).transpose(1, 2)
 
 
 class Identity(Orthogonal):
@@ -95,10 +99,77 @@ def givens_ladder(angles: torch.Tensor, p: int) -> torch.Tensor:
     return torch.stack(rows, -2)
 
 
-def _kron(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Batched Kronecker product [B, p, p] x [B, q, q] -> [B, pq, pq]."""
-    B, p, q = a.shape[0], a.shape[-1], b.shape[-1]
-    return (a[:, :, None, :, None] * b[:, None, :, None, :]).reshape(B, p * q, p * q)
+def _kron(factors: list[torch.Tensor]) -> torch.Tensor:
+    """Batched Kronecker product of [..., p_i, p_i] factors, the first one slowest -> [..., P, P].
+
+    Halves are joined by an outer-product matmul plus one transposing copy: the broadcast multiply that
+    forms the same products has a backward of strided reductions over size-2 dims, several times slower.
+    """
+    if len(factors) == 1:
+        return factors[0]
+    a, b = _kron(factors[: len(factors) // 2]), _kron(factors[len(factors) // 2 :])
+    lead, p, q = a.shape[:-2], a.shape[-1], b.shape[-1]
+    outer = torch.matmul(a.reshape(*lead, p * p, 1), b.reshape(*lead, 1, q * q))
+    return outer.view(*lead, p, p, q, q).transpose(-3, -2).reshape(*lead, p * q, p * q)
+
+
+class _ChunkGemm(torch.autograd.Function):
+    """Y = mat @ X for mat [B, S, S], X [B, S, R], with one operand held transposed in memory.
+
+    slow=False: x [B, R, S] holds X^T, the result [B, S, R] holds Y. slow=True: x [B, S, R] holds X, the
+    result [B, R, S] holds Y^T. Autograd's bmm would hand back dX contiguous in the [B, S, R] layout of the
+    transposed view and pay a copy to undo that; here each gradient is written in its operand's layout.
+    """
+
+    @staticmethod
+    def forward(ctx, mat, x, slow):
+        ctx.save_for_backward(mat, x)
+        ctx.slow = slow
+        if slow:
+            return torch.bmm(x.transpose(1, 2), mat.transpose(1, 2))
+        return torch.bmm(mat, x.transpose(1, 2))
+
+    @staticmethod
+    def backward(ctx, grad):
+        mat, x = ctx.saved_tensors
+        grad = grad.contiguous()
+        d_mat = d_x = None
+        if ctx.slow:  # grad holds dY^T, x holds X
+            if ctx.needs_input_grad[0]:
+                d_mat = torch.bmm(grad.transpose(1, 2), x.transpose(1, 2))
+            if ctx.needs_input_grad[1]:
+                d_x = torch.bmm(mat.transpose(1, 2), grad.transpose(1, 2))
+        else:  # grad holds dY, x holds X^T
+            if ctx.needs_input_grad[0]:
+                d_mat = torch.bmm(grad, x)
+            if ctx.needs_input_grad[1]:
+                d_x = torch.bmm(grad.transpose(1, 2), mat)
+        return d_mat, d_x, None
+
+
+def _chunk_plan(sizes: tuple[int, ...], limit: int) -> list[tuple[int, int, int]]:
+    """Consecutive wire ranges (lo, hi, levels): the fewest chunks of <= limit levels (a lone wire may
+    exceed it), and among those the most even ones. Every chunk costs one pass over the state per block;
+    within a pass the GEMM work grows with the chunk, so 576 = 2^6 x 3^2 runs faster as 32 x 18 than as
+    64 x 9."""
+    best = {0: (0, 0, ())}  # wires [0, hi) -> (chunks, largest chunk, plan)
+    for hi in range(1, len(sizes) + 1):
+        options = []
+        for lo in range(hi):
+            size = math.prod(sizes[lo:hi])
+            if size <= limit or hi - lo == 1:
+                count, largest, plan = best[lo]
+                options.append((count + 1, max(largest, size), (*plan, (lo, hi, size))))
+        best[hi] = min(options)
+    return list(best[len(sizes)][2])
+
+
+def _parity_signs(sizes: tuple[int, ...], pairs) -> np.ndarray:
+    """(-1)^(sum a_i a_j over pairs) for every index of the digits `sizes` (digit 0 fastest)."""
+    idx = np.arange(math.prod(sizes))
+    strides = np.cumprod((1,) + sizes[:-1])
+    digit = [(idx // s) % p for s, p in zip(strides, sizes, strict=True)]
+    return 1 - 2 * (sum(digit[i] * digit[j] for i, j in pairs) % 2)
 
 
 class MixedRadix(Orthogonal):
@@ -120,56 +191,118 @@ class MixedRadix(Orthogonal):
             even = tuple((i, i + 1) for i in range(0, m - 1, 2))
             odd = tuple((i, i + 1) for i in range(1, m - 1, 2))
             plan += [(range(m - 1), even), (range(1, m), odd)] * layers
-        self.blocks, p = [], 0  # block: ([(wire, first angle)], entangling pairs)
+        # one GEMM per chunk of consecutive wires and block
+        self.chunks = _chunk_plan(self.sizes, _FUSE_DIM)
+        # block: ([(wire, first angle)], {chunk: CZ pairs inside it}, CZ pairs across chunks). A CZ inside a
+        # rotated chunk is a +-1 row scaling of that chunk's matrix, exact and free; the rest needs a pass.
+        self.blocks, p = [], 0
         for wires, pairs in plan:
-            starts = []
+            starts, inner, across = [], {}, []
             for w in wires:
                 starts.append((w, p))
                 p += sizes[w] - 1
-            self.blocks.append((starts, pairs))
+            for i, j in pairs:
+                c = next(c for c, (lo, hi, _) in enumerate(self.chunks) if lo <= i < hi)
+                lo, hi, _ = self.chunks[c]
+                if j < hi and any(lo <= w < hi for w in wires):
+                    inner.setdefault(c, []).append((i - lo, j - lo))
+                else:
+                    across.append((i, j))
+            self.blocks.append((starts, {c: tuple(v) for c, v in inner.items()}, tuple(across)))
         self.n_params = p
-        # fuse consecutive wires into chunks of <= _FUSE_DIM levels: one GEMM per chunk and layer
-        self.chunks, lo = [], 0
-        while lo < m:
-            hi, size = lo + 1, sizes[lo]
-            while hi < m and size * sizes[hi] <= _FUSE_DIM:
-                size, hi = size * sizes[hi], hi + 1
-            self.chunks.append((lo, hi, size))
-            lo = hi
+        # All blocks' matrices are built at once, [B, n_blocks, ...]: per radix, the angles of each block's
+        # ladder on each wire of that radix, n_params (a zero angle, an exact identity ladder) where none
+        self._ladder_index = {}
+        for q in sorted(set(sizes)):
+            wires = [w for w in range(m) if sizes[w] == q]
+            idx = np.full((len(self.blocks), len(wires), q - 1), p)
+            for b, (starts, _, _) in enumerate(self.blocks):
+                for w, s in starts:
+                    if sizes[w] == q:
+                        idx[b, wires.index(w)] = np.arange(s, s + q - 1)
+            self._ladder_index[q] = (wires, idx)
+        self._rotated = [
+            [any(lo <= w < hi for w, _ in starts) for lo, hi, _ in self.chunks] for starts, _, _ in self.blocks
+        ]
+        self._inner_signs = []  # per chunk: [n_blocks, size] row signs, None where no block has any
+        for c, (lo, hi, size) in enumerate(self.chunks):
+            table = np.ones((len(self.blocks), size))
+            for b, (_, inner, _) in enumerate(self.blocks):
+                if c in inner:
+                    table[b] = _parity_signs(self.sizes[lo:hi], inner[c])
+            self._inner_signs.append(None if (table == 1).all() else table)
         self._signs: dict = {}
 
-    def _sign(self, pairs, like):
-        key = (pairs, like.dtype, like.device)
+    def _tensor(self, key, make, like):
+        key = (key, like.dtype, like.device)
         if key not in self._signs:
-            idx = np.arange(self.dim)
-            strides = np.cumprod((1,) + self.sizes[:-1])
-            digit = [(idx // s) % p for s, p in zip(strides, self.sizes, strict=True)]
-            parity = sum(digit[i] * digit[j] for i, j in pairs) % 2
-            self._signs[key] = torch.as_tensor(1 - 2 * parity, dtype=like.dtype, device=like.device)
+            self._signs[key] = torch.as_tensor(make(), device=like.device)
+            if self._signs[key].is_floating_point():
+                self._signs[key] = self._signs[key].to(like.dtype)
         return self._signs[key]
 
-    def _rotate(self, x, mats: dict):
-        """Apply the Kronecker product of per-wire matrices [B, p, p] (identity where absent) to x [B, M, dim]."""
-        B, M, post = x.shape[0], x.shape[1], 1  # post = number of digit values below the chunk
-        for lo, hi, size in self.chunks:
-            if any(w in mats for w in range(lo, hi)):
-                eyes = [torch.eye(p, dtype=x.dtype, device=x.device).expand(B, p, p) for p in self.sizes[lo:hi]]
-                # higher wire = slower digit = left Kronecker factor
-                mat = reduce(_kron, [mats.get(w, eyes[w - lo]) for w in reversed(range(lo, hi))])
-                # bring the chunk's digit to the front: one [size, size] @ [size, rest] GEMM per map
-                y = x.reshape(B, -1, size, post).transpose(1, 2).reshape(B, size, -1)
-                x = torch.bmm(mat, y).reshape(B, size, -1, post).transpose(1, 2).reshape(B, M, self.dim)
-            post *= size
-        return x
+    def _chunk_mats(self, thetas) -> list:
+        """Per block and chunk, the [B, size, size] Kronecker product of the chunk's ladders with the
+        block's CZ signs inside it applied; None where the block rotates none of the chunk's wires. Built
+        for all blocks at once: the few dozen tiny ops per block would otherwise cost more than the math."""
+        padded = torch.cat([thetas, thetas.new_zeros(thetas.shape[0], 1)], 1)
+        factors = {}
+        for q, (wires, idx) in self._ladder_index.items():
+            ladders = givens_ladder(padded[:, self._tensor(("ladder", q), lambda idx=idx: idx, thetas)], q)
+            factors.update({w: ladders[:, :, i] for i, w in enumerate(wires)})
+        per_chunk = []
+        for c, (lo, hi, _) in enumerate(self.chunks):
+            # higher wire = slower digit = left Kronecker factor
+            mat = _kron([factors[w] for w in reversed(range(lo, hi))])
+            if self._inner_signs[c] is not None:
+                mat = mat * self._tensor(("inner", c), lambda c=c: self._inner_signs[c], thetas)[:, :, None]
+            per_chunk.append(mat.unbind(1))
+        return [
+            [mats[b] if rotated else None for mats, rotated in zip(per_chunk, self._rotated[b], strict=True)]
+            for b in range(len(self.blocks))
+        ]
+
+    def _rotate(self, x, mats: list, flipped: bool):
+        """Apply the chunk matrices (identity where None) to x, the flat [B, M * dim] state. Unflipped,
+        memory holds (M, digits) and every chunk GEMM takes the fastest digit and writes it slowest;
+        flipped, memory holds (digits, M) and chunks go the other way round. After all chunks the digits
+        are back in order and only M has moved, so the flag toggles, and the transposing copies that a
+        GEMM per chunk would otherwise need are never made."""
+        B = x.shape[0]
+        order = reversed(range(len(self.chunks))) if flipped else range(len(self.chunks))
+        for c in order:
+            size = self.chunks[c][2]
+            view = x.view(B, size, -1) if flipped else x.view(B, -1, size)
+            # with nothing to rotate the digit must still move along, as a GEMM would have moved it
+            x = view.transpose(1, 2).contiguous() if mats[c] is None else _ChunkGemm.apply(mats[c], view, flipped)
+        return x.reshape(B, -1)
+
+    def _run(self, x, m: int, mats, blocks, flipped: bool):
+        B = x.shape[0]
+        for block, block_mats in zip(blocks, mats, strict=True):
+            x, flipped = self._rotate(x, block_mats, flipped), not flipped
+            if block[2]:
+                sign = self._tensor(("across", block[2]), lambda p=block[2]: _parity_signs(self.sizes, p), x)
+                x = (x.view(B, self.dim, m) * sign[:, None] if flipped else x.view(B, m, self.dim) * sign).view(B, -1)
+        return x.view(B, self.dim, m).transpose(1, 2) if flipped else x.view(B, m, self.dim)
 
     def apply(self, thetas, x):
-        x = x.to(thetas.dtype)
-        for starts, pairs in self.blocks:
-            mats = {w: givens_ladder(thetas[:, s : s + self.sizes[w] - 1], self.sizes[w]) for w, s in starts}
-            x = self._rotate(x, mats)
-            if pairs:
-                x = x * self._sign(pairs, x)
-        return x
+        B, m = x.shape[0], x.shape[1]
+        return self._run(x.to(thetas.dtype).reshape(B, -1), m, self._chunk_mats(thetas), self.blocks, False)
+
+    def _columns(self, thetas, k):
+        # The first block rotates every wire and entangles nothing: Q_0 is the Kronecker product of the
+        # chunk matrices, so column j is the outer product of each chunk's column at j's digit there. That
+        # is the same single product per entry that the GEMMs on e_j would form, without the GEMMs.
+        B, cols, post = thetas.shape[0], None, 1
+        j = torch.arange(k, device=thetas.device)
+        mats = self._chunk_mats(thetas)
+        for (_, _, size), mat in zip(self.chunks, mats[0], strict=True):
+            col = mat[:, :, (j // post) % size]
+            cols = col if cols is None else (col[:, :, None] * cols[:, None]).reshape(B, -1, k)
+            post *= size
+        # cols [B, dim, k] holds the (digits, M) order, the flipped layout
+        return self._run(cols.reshape(B, -1), k, mats[1:], self.blocks[1:], True).transpose(1, 2)
 
     def __repr__(self):
         twos = self.sizes.count(2)
