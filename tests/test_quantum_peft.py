@@ -75,6 +75,49 @@ def test_power_of_two_is_the_qubit_pauli_circuit(n, layers):
     torch.testing.assert_close(MixedRadix((2,) * n, layers).columns(thetas, k), ref, atol=1e-12, rtol=0)
 
 
+def _dense_mixed_radix(sizes: tuple[int, ...], layers: int, thetas: torch.Tensor) -> torch.Tensor:
+    """Q of the MixedRadix circuit from its definition, with dense matrices: wire 0 is the fastest digit,
+    angles are taken in gate order, a CZ on wires (i, j) is the diagonal (-1)^(a_i a_j)."""
+    m, dim, dt = len(sizes), math.prod(sizes), thetas.dtype
+    strides = [math.prod(sizes[:w]) for w in range(m)]
+    digit = [(torch.arange(dim) // strides[w]) % sizes[w] for w in range(m)]
+    plan = [(range(m), [])]
+    if m > 1:
+        even = [(i, i + 1) for i in range(0, m - 1, 2)]
+        odd = [(i, i + 1) for i in range(1, m - 1, 2)]
+        plan += [(range(m - 1), even), (range(1, m), odd)] * layers
+    q, used = torch.eye(dim, dtype=dt), 0
+    for wires, pairs in plan:
+        ladders = {}
+        for w in wires:
+            ladders[w] = givens_ladder(thetas[used : used + sizes[w] - 1], sizes[w])
+            used += sizes[w] - 1
+        mat = torch.ones(1, 1, dtype=dt)
+        for w in reversed(range(m)):  # the slowest digit is the left Kronecker factor
+            mat = torch.kron(mat, ladders.get(w, torch.eye(sizes[w], dtype=dt)))
+        q = mat @ q
+        parity = sum((digit[i] * digit[j] for i, j in pairs), torch.zeros(dim, dtype=torch.long)) % 2
+        q = (1 - 2 * parity).to(dt)[:, None] * q
+    assert used == thetas.numel()
+    return q
+
+
+@pytest.mark.parametrize(
+    "sizes,layers", [((2, 3), 2), ((3, 2, 5), 1), ((7, 7, 7), 2), ((2, 2, 2, 2, 2, 2, 3, 3), 4), ((2,) * 6 + (3,), 4)]
+)
+def test_mixed_radix_matches_dense_definition(sizes, layers):
+    # the fast path fuses wires into chunks, keeps a moving memory layout and folds CZs into the chunk
+    # matrices; none of that may show against the plain matrix product, for apply() and columns() alike
+    circuit = MixedRadix(sizes, layers)
+    gen = torch.Generator().manual_seed(len(sizes))
+    thetas = torch.randn(2, circuit.n_params, generator=gen, dtype=torch.float64)
+    x = torch.randn(2, 5, circuit.dim, generator=gen, dtype=torch.float64)
+    dense = torch.stack([_dense_mixed_radix(sizes, layers, t) for t in thetas])
+    torch.testing.assert_close(circuit.apply(thetas, x), x @ dense.mT, atol=1e-12, rtol=0)
+    k = min(32, circuit.dim)
+    torch.testing.assert_close(circuit.columns(thetas, k), dense[:, :, :k], atol=1e-12, rtol=0)
+
+
 def test_givens_ladder_is_ry_for_two_levels():
     a = torch.tensor([0.7], dtype=torch.float64)
     c, s = math.cos(0.35), math.sin(0.35)
@@ -251,6 +294,30 @@ def test_rank_mask_and_quantized_angles():
             torch.round(model.method.adapters[model.method.keys[name]].u / step) * step, 4
         )
         torch.testing.assert_close(model.method.orthonormal_factors()[name][0], u_ref)
+
+
+def test_angle_scale_multiplies_the_angles_and_their_adam_step():
+    plain, scaled = qpeft("bert", init_std=0.3), qpeft("bert", init_std=0.3, angle_scale=10.0)
+    for a, b in zip(plain.method.adapters.values(), scaled.method.adapters.values(), strict=True):
+        torch.testing.assert_close(b.u * 10.0, a.u)  # the same angles at init
+    for name, (u, v) in plain.method.orthonormal_factors().items():
+        su, sv = scaled.method.orthonormal_factors()[name]
+        torch.testing.assert_close(su, u)
+        torch.testing.assert_close(sv, v)
+    moved = {}
+    for model in (plain, scaled):
+        with torch.no_grad():
+            for t in model.method.adapters.values():
+                t.lam.fill_(0.5)
+        opt = torch.optim.Adam([t.u for t in model.method.adapters.values()], lr=1e-3)
+        model(input_ids=IDS, labels=torch.tensor([0, 1])).loss.backward()
+        before = {n: f[0].detach().clone() for n, f in model.method.orthonormal_factors().items()}
+        opt.step()
+        moved[model is scaled] = {n: (f[0] - before[n]).norm() for n, f in model.method.orthonormal_factors().items()}
+    for name in moved[False]:  # Adam's first step is lr per parameter: ten times the angle, ten times the move
+        assert moved[True][name] > 5 * moved[False][name]
+    with pytest.raises(ValueError):
+        QuantumPEFTConfig(target_modules=["q"], angle_scale=0.0)
 
 
 def test_config_round_trip():

@@ -27,6 +27,10 @@ class QuantumPEFTConfig(AdapterConfig):
     quantize_bits: round angles to 2^bits levels per 2 pi in the forward pass (straight-through gradient).
     rank_mask: r entries of 0/1 multiplying lambda; masked directions stay off.
     init_std: standard deviation of the random angles at init (taylor: divided by sqrt(d)); lambda starts at 0.
+    angle_scale: the angles (taylor: generator entries) are angle_scale times the stored parameters u, v. Under
+        Adam(W) that multiplies their learning rate by angle_scale, as `scaling` does lambda's, so the angles,
+        lambda and anything else trained (a classifier head) can move at three different rates through one
+        optimizer learning rate. 1.0: the parameters are the angles.
     """
 
     method: ClassVar[str] = "quantum_peft"
@@ -39,6 +43,7 @@ class QuantumPEFTConfig(AdapterConfig):
     quantize_bits: int | None = None
     rank_mask: list[int] | None = None
     init_std: float = 0.1
+    angle_scale: float = 1.0
     seed: int = 0
 
     def __post_init__(self):
@@ -53,6 +58,8 @@ class QuantumPEFTConfig(AdapterConfig):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise ValueError(f"QuantumPEFTConfig.{name} must be an int >= {low}, got {v!r}")
+        if isinstance(self.angle_scale, bool) or not isinstance(self.angle_scale, int | float) or self.angle_scale <= 0:
+            raise ValueError(f"QuantumPEFTConfig.angle_scale must be a number > 0, got {self.angle_scale!r}")
         bits = self.quantize_bits
         if bits is not None and (isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 24):
             raise ValueError(f"QuantumPEFTConfig.quantize_bits must be None or an int in 1..24, got {bits!r}")

@@ -46,7 +46,10 @@ class QuantumPEFTMethod(AdapterMethod):
                 )
         self.maps = {d: _map(config, d) for t in targets.values() for d in (t.d_out, t.d_in)}
         # taylor generators: entries ~ init_std / sqrt(d), so a column's leakage has norm ~ init_std at any d
-        std = {d: config.init_std / (d**0.5 if config.mapping == "taylor" else 1.0) for d in self.maps}
+        # stored parameters are angles / angle_scale, so the angles' distribution at init is the same for any scale
+        std = {
+            d: config.init_std / (d**0.5 if config.mapping == "taylor" else 1.0) / config.angle_scale for d in self.maps
+        }
         self.keys = {name: name.replace(".", "__") for name in targets}  # module names cannot hold dots
         with torch.random.fork_rng(devices=[]):  # seeded init that leaves the caller's RNG alone
             torch.manual_seed(config.seed)
@@ -71,6 +74,8 @@ class QuantumPEFTMethod(AdapterMethod):
         out = {name: [None, None] for name in self.targets}
         for dim, items in jobs.items():
             angles = torch.stack([p for _, _, p in items])
+            if self.config.angle_scale != 1.0:
+                angles = angles * self.config.angle_scale
             if angles.dtype in (torch.float16, torch.bfloat16):  # half precision would break orthonormality
                 angles = angles.float()
             cols = self.maps[dim].columns(quantize(angles, self.config.quantize_bits), self.config.r)
