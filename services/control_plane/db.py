@@ -9,6 +9,7 @@ from pathlib import Path
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import NullPool, StaticPool
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 _engines: dict[str, Engine] = {}
@@ -42,10 +43,18 @@ def engine_for(url: str) -> Engine:
                 path = make_url(url).database
                 if path and path != ":memory:":
                     Path(path).parent.mkdir(parents=True, exist_ok=True)
-                eng = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+                # No pool that can run dry: FastAPI runs a request's sync dependencies and endpoint as separate
+                # threadpool hops, and a session keeps its connection between them. With a bounded pool, a
+                # burst of requests can leave every thread waiting for a connection held by a request that is
+                # itself waiting for a thread (seen at 200 requests/s: 30 s stalls, then pool timeouts).
+                # Opening a SQLite file is cheap, so each checkout gets its own connection.
+                pool = NullPool if path and path != ":memory:" else StaticPool  # one in-memory db, one connection
+                eng = create_engine(url, poolclass=pool, connect_args={"check_same_thread": False, "timeout": 30})
                 event.listen(eng, "connect", _sqlite_pragmas)
             else:
-                eng = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+                # The same hazard, made remote: it now takes 100 requests in flight at once, not 30, to exhaust
+                # the pool (PostgreSQL's max_connections, 100 by default, bounds it anyway).
+                eng = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=90)
             _engines[url] = eng
         return _engines[url]
 
