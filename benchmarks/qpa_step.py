@@ -1,7 +1,7 @@
 """QPA train step time over LoRA's, on the same model and batch (issue 3).
 
     .venv/bin/python benchmarks/qpa_step.py [--repeats 15] [--batch-size 4] [--block 128]
-        [--targets q_proj,v_proj] [--threads N] [--device cpu|cuda] [--append-results]
+        [--targets q_proj,v_proj] [--widths 60] [--threads N] [--device cpu|cuda] [--append-results]
 
 Two copies of SmolLM2-135M in one process, one with LoRA r=4 and one with QPA (r=4, n_mlp 2048, 8 QNN
 layers, exact simulator) on the same targets, as in qpa_wikitext.py. A step is what the training loop
@@ -38,6 +38,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--block", type=int, default=128)
+    ap.add_argument("--widths", default=None, help="mapping MLP hidden widths, as in qpa_wikitext.py")
     args = ap.parse_args()
     common.setup(args)
     targets = args.targets.split(",")
@@ -45,7 +46,8 @@ def main():
     model, tok = load_model(args.model, device=args.device)
     lora = make_lora_model(model, targets, r=args.r, alpha=2 * args.r)
     model, _ = load_model(args.model, device=args.device)
-    cfg = QPAConfig(target_modules=targets, r=args.r, lora_alpha=2 * args.r, quantum_grad="per_step")
+    widths = {"mapping_widths": [int(w) for w in args.widths.split(",")]} if args.widths else {}
+    cfg = QPAConfig(target_modules=targets, r=args.r, lora_alpha=2 * args.r, quantum_grad="per_step", **widths)
     qpa = get_qpeft_model(model, cfg)
     batch = lm_batch(tok, args.data, args.batch_size, args.block, args.device)
 

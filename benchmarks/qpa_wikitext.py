@@ -2,14 +2,15 @@
 
     .venv/bin/python benchmarks/qpa_wikitext.py [--steps 80] [--batch-size 4] [--block 128]
         [--eval-tokens 4096] [--targets q_proj,v_proj] [--lora-lr ..] [--qpa-lr ..] [--n-mlp 2048]
-        [--qnn-depth 8] [--seed 0] [--device cpu|cuda] [--append-results]
+        [--qnn-depth 8] [--layout target|rows] [--widths 32,64,...] [--mapping default|reference]
+        [--seed 0] [--device cpu|cuda] [--append-results]
     .venv/bin/python benchmarks/qpa_wikitext.py --tune 1e-3,3e-3,1e-2 [--tune-steps 25]   # LR sweep
 
 Both methods adapt the same modules with rank 4 and the same LoRA scaling (alpha 8), train the same steps
 on the same packed blocks of WikiText-2 valid.txt (the train split is not in shared/data) in the same
 order, with the same schedule (linear decay after a 10% warmup, gradient clipping at 1); only the learning
 rate is each method's own, chosen by --tune on the tail of valid.txt (held out), never on test.txt.
-QPA generates all targets' LoRA factors from one 7-qubit QNN (exact simulator) and its mapping MLP.
+QPA generates all targets' LoRA factors from one QNN (exact simulator) and its mapping MLP.
 Goal: QPA perplexity within 2% of LoRA's with at most 55% of its trainable parameters.
 """
 
@@ -31,6 +32,10 @@ def main():
     ap.add_argument("--qpa-lr", type=float, default=3e-2)
     ap.add_argument("--n-mlp", type=int, default=2048)
     ap.add_argument("--qnn-depth", type=int, default=8)
+    ap.add_argument("--layout", choices=("target", "rows"), default="target", help="QPAConfig.layout")
+    ap.add_argument("--widths", default=None, help="mapping MLP hidden widths, e.g. 64,128,160 (default: QPAConfig's)")
+    ap.add_argument("--mapping", choices=("default", "reference"), default="default")
+    ap.add_argument("--activation", default="gelu")
     args = ap.parse_args()
     common.setup(args)
     targets = args.targets.split(",")
@@ -38,6 +43,8 @@ def main():
     def lora():
         model, _ = load_model(args.model, device=args.device)
         return make_lora_model(model, targets, r=args.r, alpha=2 * args.r, seed=args.seed)
+
+    qpa_info = {}
 
     def qpa():
         model, _ = load_model(args.model, device=args.device)
@@ -49,8 +56,21 @@ def main():
             qnn_depth=args.qnn_depth,
             quantum_grad="per_step",
             seed=args.seed,
+            layout=args.layout,
+            mapping=args.mapping,
+            activation=args.activation,
+            **({"mapping_widths": [int(w) for w in args.widths.split(",")]} if args.widths else {}),
         )
-        return get_qpeft_model(model, cfg)
+        peft = get_qpeft_model(model, cfg)
+        qpa_info.update(
+            qubits=peft.method.n_qubits,
+            states=peft.method.generator.n_states,
+            widths=cfg.mapping_widths,
+            mapping=cfg.mapping,
+            layout=cfg.layout,
+            activation=cfg.activation,
+        )
+        return peft
 
     builders = {"LoRA": lora, "QPA": qpa}
     if args.tune:
@@ -86,7 +106,9 @@ def main():
         f"lora_ppl={lo['ppl_after']:.3f} qpa_ppl={qp['ppl_after']:.3f} ppl_rel_diff={rel:+.4f}"
     )
     save_json(
-        common.result_name("qpa_wikitext", args, ap, ("targets", "steps", "seed")),
+        common.result_name(
+            "qpa_wikitext", args, ap, ("targets", "steps", "seed", "n_mlp", "layout", "widths", "mapping")
+        ),
         {
             "args": vars(args),
             "env": common.environment(args.device),
@@ -94,6 +116,7 @@ def main():
             "param_ratio": ratio,
             "ppl_rel_diff": rel,
             "goal_met": met,
+            "qpa": qpa_info,
         },
     )
     if args.append_results:
@@ -102,7 +125,9 @@ def main():
 `{command_line()}` ({common.environment(args.device)["date"][:10]}, {args.device}, load average at the end
 {load_avg()})
 
-SmolLM2-135M-Instruct, targets {args.targets}, rank {args.r}, alpha {2 * args.r};
+SmolLM2-135M-Instruct, targets {args.targets}, rank {args.r}, alpha {2 * args.r}; QPA: n_mlp {args.n_mlp},
+{qpa_info["states"]} basis states on {qpa_info["qubits"]} qubits, depth {args.qnn_depth}, mapping {qpa_info["mapping"]}
+({qpa_info["activation"]}, widths {qpa_info["widths"]}), layout {qpa_info["layout"]};
 {args.steps} steps x {args.batch_size} x {args.block} tokens of WikiText-2 valid.txt; perplexity on the first
 {res["eval_tokens"]} target tokens of test.txt (packed blocks; standard, padding excluded). ppl_ref: the QPA
 reference convention (one line per example padded to {args.block}, padding in the loss) on the same text; here it

@@ -129,6 +129,36 @@ def test_default_init_is_exactly_zero_reference_near_zero(make):
         assert (out - ref).abs().max() < 1e-4 * ref.abs().max()
 
 
+def test_rows_layout_places_whole_rows_longest_first():
+    # llama(): q_proj 32 -> 32, v_proj 32 -> 16, lm_head 32 -> 128; r=2
+    cfg = small(["q_proj", "v_proj", "lm_head"], layout="rows", n_mlp=32)
+    model = get_qpeft_model(llama(), cfg)
+    ref = get_qpeft_model(llama(), small(["q_proj", "v_proj", "lm_head"], n_mlp=32))
+    assert model.get_nb_trainable_parameters() == ref.get_nb_trainable_parameters()
+    m = model.method
+    with torch.no_grad():
+        flat = m.generator(m.quantum_probs())
+        got = m.factors()
+    rows = []  # (start, length) of every A row and B column, to check they tile the flat vector
+    for k, (name, t) in enumerate(m.targets.items()):
+        a, b = got[name]
+        starts_a, starts_b = m._row_slices()[name]
+        for j in range(cfg.r):
+            assert torch.equal(a[j], flat[starts_a[j] : starts_a[j] + t.d_in])
+            gate = m.scaling * m.gate[k]
+            assert torch.equal(b[:, j], flat[starts_b[j] : starts_b[j] + t.d_out] * gate)
+            rows += [(starts_a[j], t.d_in), (starts_b[j], t.d_out)]
+    rows.sort()
+    assert rows[0][0] == 0 and all(s + n == s2 for (s, n), (s2, _) in zip(rows, rows[1:], strict=False))
+    assert rows[-1][0] + rows[-1][1] == m.m
+    assert [n for _, n in rows] == sorted((n for _, n in rows), reverse=True)  # longest first
+    # with n_mlp = 32 = d_in, the A rows and q's B columns fill whole basis states
+    assert rows[:2] == [(0, 128), (128, 128)] and all(s % 32 == 0 for s, n in rows if n == 32)
+    with torch.no_grad():  # Delta W = 0 at init in this layout too
+        base = llama().eval()(input_ids=IDS).logits
+        assert torch.equal(model.eval()(input_ids=IDS).logits, base)
+
+
 # --- training ----------------------------------------------------------------------------------------
 
 
@@ -247,7 +277,7 @@ def test_shot_based_adapter_reloads_exactly_without_the_executor(tmp_path):
 def test_config_round_trip_and_validation():
     cfg = small(["lm_head"], entangler="ring", activation="none", bit_features="random", shots=64)
     assert QPAConfig.from_dict(cfg.to_dict()) == cfg
-    bads = ({"entangler": "full"}, {"r": 0}, {"shots": 0}, {"quantum_grad": "never"}, {"mapping": "x"})
+    bads = ({"entangler": "full"}, {"r": 0}, {"shots": 0}, {"quantum_grad": "never"}, {"mapping": "x"}, {"layout": "x"})
     for bad in (*bads, {"gradient": "autograd", "shots": 10}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             small(**bad)

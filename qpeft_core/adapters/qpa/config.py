@@ -14,6 +14,7 @@ CHOICES = {
     "gradient": ("auto", "autograd", "parameter_shift", "spsa"),
     "quantum_grad": ("per_backward", "per_step"),
     "mapping": ("default", "reference"),
+    "layout": ("target", "rows"),
     "activation": ACTIVATIONS,
 }
 
@@ -37,6 +38,11 @@ class QPAConfig(AdapterConfig):
     mapping: "default" adds one learnable gate per target on B, started at 0, so Delta W = 0 at init;
         "reference" has exactly the reference's parameters (N L angles + MLP) and starts near zero instead
         by scaling the MLP's last layer at init by 1e-3.
+    layout: how the m generated numbers become factors. "target" (the reference's): target after target,
+        A (r x d_in) then B (d_out x r), row-major. "rows": the factor rows of all targets, A's rows and
+        B's columns, longest first; with n_mlp a multiple of the row length (576 for SmolLM2's q/v A rows),
+        every basis state yields whole rows, so output unit j of the MLP is the same input (or output)
+        feature in every row it writes, not an unrelated entry that happens to share its offset.
     """
 
     method: ClassVar[str] = "qpa"
@@ -58,6 +64,7 @@ class QPAConfig(AdapterConfig):
     quantum_grad: str = "per_backward"
     seed: int = 0
     mapping: str = "default"
+    layout: str = "target"
 
     def __post_init__(self):
         super().__post_init__()

@@ -133,13 +133,31 @@ class QPAMethod(AdapterMethod):
     def factors(self):
         flat = self.generator(self.quantum_probs())
         out, i, r = {}, 0, self.config.r
+        rows = self._row_slices() if self.config.layout == "rows" else None
         for k, t in enumerate(self.targets.values()):
-            a = flat[i : i + r * t.d_in].view(r, t.d_in)
-            i += r * t.d_in
-            b = flat[i : i + t.d_out * r].view(t.d_out, r)
-            i += t.d_out * r
+            if rows is not None:
+                a = torch.stack([flat[s : s + t.d_in] for s in rows[t.name][0]])
+                b = torch.stack([flat[s : s + t.d_out] for s in rows[t.name][1]]).T
+            else:
+                a = flat[i : i + r * t.d_in].view(r, t.d_in)
+                i += r * t.d_in
+                b = flat[i : i + t.d_out * r].view(t.d_out, r)
+                i += t.d_out * r
             out[t.name] = (a, b * (self.scaling if self.gate is None else self.scaling * self.gate[k]))
         return out
+
+    def _row_slices(self) -> dict:
+        """layout="rows": start offsets of each target's r A rows and r B columns in the flat vector."""
+        if getattr(self, "_rows", None) is None:
+            items = [(t.d_in, t.name, 0, j) for t in self.targets.values() for j in range(self.config.r)]
+            items += [(t.d_out, t.name, 1, j) for t in self.targets.values() for j in range(self.config.r)]
+            items.sort(key=lambda x: -x[0])  # stable: equal-length rows stay in target order
+            rows, i = {t.name: ([0] * self.config.r, [0] * self.config.r) for t in self.targets.values()}, 0
+            for length, name, which, j in items:
+                rows[name][which][j] = i
+                i += length
+            self._rows = rows
+        return self._rows
 
     def extra_state(self):
         # the probabilities in use, so a loaded adapter reproduces outputs exactly (also after shot noise)
