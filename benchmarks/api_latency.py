@@ -95,41 +95,67 @@ def wait_final(api: httpx.Client, job_id: str, timeout: float = 600) -> dict:
     raise RuntimeError(f"job {job_id} did not finish in {timeout:.0f} s")
 
 
-async def load(url: str, path: str, headers: dict, rps: float, seconds: float) -> dict:
-    """Open-loop GETs of `path` at `rps` for `seconds`; latencies in ms from each request's due time."""
+async def load(url: str, path: str, headers: dict, rps: float, seconds: float, connections: int = 32) -> dict:
+    """Open-loop GETs of `path` at `rps` for `seconds` over `connections` keep-alive connections; latencies in
+    ms from each request's due time.
+
+    A minimal HTTP/1.1 client on asyncio streams, not httpx: httpx's async pool costs milliseconds of CPU
+    per request and, once requests queue, more per queued request, so at 200 requests/s on 2 cores the
+    client (not the server) set the latency. wrk is closed-loop only (see the module docstring).
+    """
+    host, port = url.removeprefix("http://").split(":")
+    head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    request = f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n{head}\r\n".encode()
     n = int(rps * seconds)
+    due_times: asyncio.Queue = asyncio.Queue()
     latencies: list[float] = []
     errors: dict[str, int] = {}
-    limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
-    async with httpx.AsyncClient(base_url=url, headers=headers, limits=limits, timeout=30) as client:
-        await client.get(path)  # open one connection before the clock starts
 
-        async def one(due: float) -> None:
+    async def connection() -> None:
+        reader = writer = None
+        while True:
+            due = await due_times.get()
+            if due is None:
+                break
             try:
-                r = await client.get(path)
-                key = None if r.status_code == 200 else f"HTTP {r.status_code}"
-            except httpx.HTTPError as e:
-                key = type(e).__name__
+                if writer is None:
+                    reader, writer = await asyncio.open_connection(host, int(port))
+                writer.write(request)
+                status = int((await reader.readline()).split()[1])
+                length = 0
+                while (line := await reader.readline()) not in (b"\r\n", b""):
+                    name, _, value = line.decode().partition(":")
+                    if name.lower() == "content-length":
+                        length = int(value)
+                await reader.readexactly(length)
+                key = None if status == 200 else f"HTTP {status}"
+            except (OSError, ValueError, IndexError, asyncio.IncompleteReadError) as e:
+                key, writer = type(e).__name__, None
             if key is None:
                 latencies.append(1e3 * (time.perf_counter() - due))
             else:
                 errors[key] = errors.get(key, 0) + 1
+        if writer is not None:
+            writer.close()
 
-        start = time.perf_counter() + 0.1
-        tasks = []
-        for i in range(n):
-            due = start + i / rps
-            delay = due - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(due)))
-        await asyncio.gather(*tasks)
-        elapsed = time.perf_counter() - start
+    workers = [asyncio.create_task(connection()) for _ in range(connections)]
+    start = time.perf_counter() + 0.2
+    for i in range(n):
+        due = start + i / rps
+        delay = due - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        due_times.put_nowait(due)
+    for _ in workers:
+        due_times.put_nowait(None)
+    await asyncio.gather(*workers)
+    elapsed = time.perf_counter() - start
     q = statistics.quantiles(latencies, n=100, method="inclusive") if len(latencies) > 1 else [float("nan")] * 99
     return {
         "requests": n,
         "ok": len(latencies),
         "errors": errors,
+        "connections": connections,
         "achieved_rps": len(latencies) / elapsed,
         "p50_ms": q[49],
         "p90_ms": q[89],
@@ -208,7 +234,7 @@ def main() -> None:
 
 `.venv/bin/python benchmarks/api_latency.py {" ".join(sys.argv[1:])}` ({datetime.date.today()}, \
 {os.cpu_count()} CPUs, load average after the run {load_avg}; server `qpeft serve` embedded: SQLite, local Ray \
-head, uvicorn with its access log; client in another process on loopback)
+head, uvicorn with its access log; client: asyncio streams, 32 keep-alive connections, in another process on loopback)
 
 GET /v1/jobs/{{id}} at {args.rps:.0f} requests/s for {args.seconds:.0f} s, open-loop (latency from each \
 request's due time). Goal: p99 < 50 ms.

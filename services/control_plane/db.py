@@ -9,7 +9,7 @@ from pathlib import Path
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
-from sqlalchemy.pool import NullPool, StaticPool
+from sqlalchemy.pool import StaticPool
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 _engines: dict[str, Engine] = {}
@@ -47,9 +47,12 @@ def engine_for(url: str) -> Engine:
                 # threadpool hops, and a session keeps its connection between them. With a bounded pool, a
                 # burst of requests can leave every thread waiting for a connection held by a request that is
                 # itself waiting for a thread (seen at 200 requests/s: 30 s stalls, then pool timeouts).
-                # Opening a SQLite file is cheap, so each checkout gets its own connection.
-                pool = NullPool if path and path != ":memory:" else StaticPool  # one in-memory db, one connection
-                eng = create_engine(url, poolclass=pool, connect_args={"check_same_thread": False, "timeout": 30})
+                # So the pool never makes a checkout wait: beyond 16 kept connections it opens more (cheap for a
+                # SQLite file) and closes them on return.
+                pool = (
+                    {"pool_size": 16, "max_overflow": -1} if path and path != ":memory:" else {"poolclass": StaticPool}
+                )
+                eng = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, **pool)
                 event.listen(eng, "connect", _sqlite_pragmas)
             else:
                 # The same hazard, made remote: it now takes 100 requests in flight at once, not 30, to exhaust
