@@ -28,7 +28,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,14 +37,11 @@ from pathlib import Path
 
 import httpx
 
+from services.control_plane.models import FINAL_STATES
+from services.control_plane.ray_jobs import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def job_spec(name: str, steps: int) -> dict:
@@ -80,7 +76,7 @@ def submit_to_first_step(api: httpx.Client, name: str, steps: int) -> tuple[str,
         j = api.get(f"/v1/jobs/{job['id']}").raise_for_status().json()
         if j["step"] >= 1:
             return job["id"], time.perf_counter() - t0
-        if j["state"] in ("SUCCEEDED", "FAILED", "CANCELLED", "BUDGET_EXHAUSTED"):
+        if j["state"] in FINAL_STATES:
             raise RuntimeError(f"job {job['id']} ended {j['state']} before its first step: {j['reason']}")
         time.sleep(0.05)
 
@@ -89,7 +85,7 @@ def wait_final(api: httpx.Client, job_id: str, timeout: float = 600) -> dict:
     deadline = time.time() + timeout
     while time.time() < deadline:
         j = api.get(f"/v1/jobs/{job_id}").raise_for_status().json()
-        if j["state"] in ("SUCCEEDED", "FAILED", "CANCELLED", "BUDGET_EXHAUSTED"):
+        if j["state"] in FINAL_STATES:
             return j
         time.sleep(0.5)
     raise RuntimeError(f"job {job_id} did not finish in {timeout:.0f} s")

@@ -21,15 +21,8 @@ import time
 import zipfile
 from pathlib import Path
 
-FINAL = ("SUCCEEDED", "FAILED", "CANCELLED", "BUDGET_EXHAUSTED")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from services.control_plane.models import FINAL_STATES
+from services.control_plane.ray_jobs import free_port
 
 
 def _follow(client, job: dict, console) -> dict:
@@ -45,7 +38,7 @@ def _follow(client, job: dict, console) -> dict:
     ]
     with Progress(*columns, console=console) as bar:
         task = bar.add_task(job["id"], total=job["max_steps"], state=job["state"], loss="-", shots="0")
-        while job["state"] not in FINAL:
+        while job["state"] not in FINAL_STATES:
             time.sleep(0.5)
             job = client.get(f"/v1/jobs/{job['id']}").raise_for_status().json()
             sub = f" {job['sub_state']}" if job.get("sub_state") else ""
@@ -120,7 +113,7 @@ def run_service_demo(model: str, data_dir, device: str = "cpu", steps: int = 10,
         trainer_command="{python} -m services.trainer",
         job_env={"QPEFT_SHARED_DATA": os.environ["QPEFT_SHARED_DATA"]},
     )
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)

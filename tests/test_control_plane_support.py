@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 import threading
 import time
@@ -13,6 +12,8 @@ import uuid
 from pathlib import Path
 
 import pytest
+
+from services.control_plane.ray_jobs import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 STANDIN = ROOT / "tests" / "control_plane_standin_trainer.py"
@@ -28,12 +29,6 @@ SPEC = {
     "shots": 100,
     "max_steps": 5,
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from sqlalchemy import select
+from sqlalchemy.engine import URL, make_url
 
 from .events import final_state, ingest
 from .models import ACTIVE_STATES, Job, Reservation, now
@@ -100,20 +101,17 @@ def job_database_url(url: str) -> str:
     """The database URL a job gets, without its password: Ray shows a job's runtime_env to anyone who can
     open its dashboard. Jobs take the password from PGPASSWORD on their nodes (libpq reads it), which the
     embedded head gets from the control plane and deploy/ sets on cluster nodes."""
-    from sqlalchemy.engine import URL, make_url
-
     u = make_url(url)  # URL.set(password=None) keeps the password (None means "unchanged" there)
     u = URL.create(u.drivername, u.username, None, u.host, u.port, u.database, u.query)
     return u.render_as_string(hide_password=False)
 
 
 def database_password(url: str) -> str | None:
-    from sqlalchemy.engine import make_url
-
     return make_url(url).password
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A port free on 127.0.0.1 now (the OS picks it)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -131,14 +129,14 @@ def start_local_head(
         url = json.loads(state.read_text()).get("dashboard_url")
         if url and RayJobs(url).reachable():
             return url
-    gcs, dash = _free_port(), _free_port()
+    gcs, dash = free_port(), free_port()
     cmd = [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", f"--port={gcs}"]
     cmd += ["--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}"]
     # Every listening port free too: the defaults (52365 for the agent, 10001 for the client server) clash
     # with any other Ray on the machine, and a head without its agent cannot take jobs.
     for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port"):
-        cmd.append(f"--{flag}={_free_port()}")
-    cmd += [f"--metrics-export-port={_free_port()}", f"--ray-client-server-port={_free_port()}"]
+        cmd.append(f"--{flag}={free_port()}")
+    cmd += [f"--metrics-export-port={free_port()}", f"--ray-client-server-port={free_port()}"]
     # "qpu" slots host the quantum pool's worker actors (services/quantum_pool); the trainer needs them
     cmd += [f"--resources={json.dumps({'qpu': qpu_slots})}", "--disable-usage-stats"]
     cmd += [f"--num-cpus={num_cpus}"] if num_cpus else []
