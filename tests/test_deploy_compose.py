@@ -26,7 +26,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.test_control_plane_support import SPEC, free_port, pg_admin, wait_for  # noqa: F401  (fixture)
+from services.control_plane.ray_jobs import free_ports
+from tests.test_control_plane_support import SPEC, pg_admin, wait_for  # noqa: F401  (fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -197,12 +198,8 @@ def test_compose_services_run_a_job(pg_schema):
 
     if not SHARED.is_dir():
         pytest.skip(f"shared data not found at {SHARED}")
-    ports = {
-        "QPEFT_RAY_PORT": free_port(),
-        "QPEFT_RAY_DASHBOARD_PORT": free_port(),
-        "QPEFT_RAY_CLIENT_PORT": free_port(),
-        "QPEFT_API_PORT": free_port(),
-    }
+    names = ("QPEFT_RAY_PORT", "QPEFT_RAY_DASHBOARD_PORT", "QPEFT_RAY_CLIENT_PORT", "QPEFT_API_PORT")
+    ports = dict(zip(names, free_ports(len(names)), strict=True))
     project = load_compose({**{k: str(v) for k, v in ports.items()}, "QPEFT_SHARED_DATA_DIR": str(SHARED)})
     order = start_order(project["services"], STARTED)
     assert order.index("ray-head") < order.index("quantum-worker-aer") < order.index("api")

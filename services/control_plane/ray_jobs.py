@@ -12,6 +12,7 @@ started with the app, repeatedly, for every QUEUED or RUNNING job:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -110,11 +111,19 @@ def database_password(url: str) -> str | None:
     return make_url(url).password
 
 
+def free_ports(n: int) -> list[int]:
+    """n distinct ports free on 127.0.0.1 now (the OS picks them). All n sockets stay bound until every port
+    is picked: one at a time, the OS may hand out a port it just released again (seen: a Ray head refusing
+    to start because two of its components got the same port)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+
+
 def free_port() -> int:
-    """A port free on 127.0.0.1 now (the OS picks it)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def start_local_head(
@@ -129,14 +138,14 @@ def start_local_head(
         url = json.loads(state.read_text()).get("dashboard_url")
         if url and RayJobs(url).reachable():
             return url
-    gcs, dash = free_port(), free_port()
+    gcs, dash, agent, agent_grpc, runtime_env, metrics, client = free_ports(7)
     cmd = [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", f"--port={gcs}"]
     cmd += ["--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}"]
     # Every listening port free too: the defaults (52365 for the agent, 10001 for the client server) clash
     # with any other Ray on the machine, and a head without its agent cannot take jobs.
-    for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port"):
-        cmd.append(f"--{flag}={free_port()}")
-    cmd += [f"--metrics-export-port={free_port()}", f"--ray-client-server-port={free_port()}"]
+    cmd += [f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}"]
+    cmd += [f"--runtime-env-agent-port={runtime_env}", f"--metrics-export-port={metrics}"]
+    cmd += [f"--ray-client-server-port={client}"]
     # "qpu" slots host the quantum pool's worker actors (services/quantum_pool); the trainer needs them
     cmd += [f"--resources={json.dumps({'qpu': qpu_slots})}", "--disable-usage-stats"]
     cmd += [f"--num-cpus={num_cpus}"] if num_cpus else []
