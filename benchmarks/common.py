@@ -94,12 +94,15 @@ def lm_metrics(model, data: dict, eval_tokens: int, batch_size: int = 4) -> dict
 
 
 # ---------------------------------------------------------------- training
-def fit(model, tok, train_data, *, steps, batch_size, lr, seed, device, warmup=None, schedule="linear") -> dict:
+def fit(
+    model, tok, train_data, *, steps, batch_size, lr, seed, device, warmup=None, schedule="linear", lr_scale=None
+) -> dict:
     """Train in place with the project's loop; returns wall time and the loss of the first/last tenth."""
     cfg = TrainConfig(
         max_steps=steps,
         batch_size=batch_size,
         lr=lr,
+        lr_scale=lr_scale or {},
         warmup_steps=max(1, steps // 10) if warmup is None else warmup,
         schedule=schedule,
         seed=seed,
@@ -238,7 +241,18 @@ def lm_args(ap: argparse.ArgumentParser, steps: int, targets: str) -> None:
     ap.add_argument("--tune-methods", default=None, help="comma-separated method names to sweep (default: all)")
 
 
-def lm_tune(args, builders: dict) -> dict:
+def parse_lr_scale(text: str | None) -> dict:
+    """'gate=10,classifier=0.5' -> {"gate": 10.0, "classifier": 0.5} (TrainConfig.lr_scale)."""
+    out = {}
+    for item in filter(None, (text or "").split(",")):
+        pattern, sep, mult = item.rpartition("=")
+        if not sep or not pattern:
+            raise SystemExit(f"--*-lr-scale: {item!r} is not PATTERN=MULTIPLIER")
+        out[pattern] = float(mult)
+    return out
+
+
+def lm_tune(args, builders: dict, lr_scales: dict | None = None) -> dict:
     """Each method at each LR in args.tune, args.tune_steps steps, held-out perplexity; returns the best LR each."""
     from qpeft_core.train import load_model
 
@@ -264,6 +278,7 @@ def lm_tune(args, builders: dict) -> dict:
                 lr=lr,
                 seed=args.seed,
                 device=args.device,
+                lr_scale=(lr_scales or {}).get(name),
             )
             try:
                 ppl = evaluate(model, data["heldout"], 4)["ppl"]
@@ -277,7 +292,7 @@ def lm_tune(args, builders: dict) -> dict:
     return {"rows": rows, "best": best, "base_heldout_ppl": base_ppl}
 
 
-def lm_compare(args, builders: dict, lrs: dict) -> dict:
+def lm_compare(args, builders: dict, lrs: dict, lr_scales: dict | None = None) -> dict:
     """Base model, then each method: build, train args.steps steps at its LR, evaluate on the test slice."""
     from qpeft_core.train import load_model
 
@@ -301,6 +316,7 @@ def lm_compare(args, builders: dict, lrs: dict) -> dict:
             lr=lrs[name],
             seed=args.seed,
             device=args.device,
+            lr_scale=(lr_scales or {}).get(name),
         )
         after = lm_metrics(model, data, args.eval_tokens)
         rows.append(
@@ -308,6 +324,7 @@ def lm_compare(args, builders: dict, lrs: dict) -> dict:
                 "method": name,
                 "trainable": params,
                 "lr": lrs[name],
+                "lr_scale": (lr_scales or {}).get(name) or "",
                 "ppl_before": before["ppl"],
                 "ppl_after": after["ppl"],
                 "ppl_ref_before": before["ppl_ref"],

@@ -36,6 +36,9 @@ def main():
     ap.add_argument("--widths", default=None, help="mapping MLP hidden widths, e.g. 64,128,160 (default: QPAConfig's)")
     ap.add_argument("--mapping", choices=("default", "reference"), default="default")
     ap.add_argument("--activation", default="gelu")
+    ap.add_argument(
+        "--qpa-lr-scale", default="", help="QPA's per-parameter LR multipliers, e.g. gate=10 (TrainConfig.lr_scale)"
+    )
     args = ap.parse_args()
     common.setup(args)
     targets = args.targets.split(",")
@@ -74,13 +77,15 @@ def main():
 
     builders = {"LoRA": lora, "QPA": qpa}
     if args.tune:
-        tuned = lm_tune(args, builders)
+        tuned = lm_tune(args, builders, {"QPA": common.parse_lr_scale(args.qpa_lr_scale)})
         print(table(tuned["rows"], ["method", "lr", "heldout_ppl", "loss_first", "loss_last", "train_s"]))
         save_tune("qpa_wikitext_tune", {"args": vars(args), "env": common.environment(args.device), **tuned})
         print(f"qpa_wikitext_tune best_lora_lr={tuned['best']['LoRA']} best_qpa_lr={tuned['best']['QPA']}")
         return
 
-    res = lm_compare(args, builders, {"LoRA": args.lora_lr, "QPA": args.qpa_lr})
+    res = lm_compare(
+        args, builders, {"LoRA": args.lora_lr, "QPA": args.qpa_lr}, {"QPA": common.parse_lr_scale(args.qpa_lr_scale)}
+    )
     lo, qp = res["rows"]
     for row in res["rows"]:
         row["pct_of_lora"] = 100 * row["trainable"] / lo["trainable"]

@@ -54,6 +54,11 @@ def main():
         "--qpeft-angle-scale", type=float, default=1.0, help="a; a x lr is the angles' effective lr under AdamW"
     )
     ap.add_argument(
+        "--qpeft-lr-scale",
+        default="",
+        help="Quantum-PEFT's per-parameter LR multipliers, e.g. classifier=0.5 (TrainConfig.lr_scale)",
+    )
+    ap.add_argument(
         "--tune", default=None, help="comma-separated LRs: sweep both methods on --tune-seeds, held-out rows"
     )
     ap.add_argument(
@@ -93,11 +98,22 @@ def main():
         return get_qpeft_model(model, cfg)
 
     builders = {"LoRA r=8": lora, "Quantum-PEFT": qpeft}
+    lr_scales = {"Quantum-PEFT": common.parse_lr_scale(args.qpeft_lr_scale)}
 
     def run(name, seed, lr, eval_data):
         model = builders[name](seed)
         total, head = adapter_params(model), head_params(model)
-        res = fit(model, tok, train_data, steps=steps, batch_size=args.batch_size, lr=lr, seed=seed, device=args.device)
+        res = fit(
+            model,
+            tok,
+            train_data,
+            steps=steps,
+            batch_size=args.batch_size,
+            lr=lr,
+            seed=seed,
+            device=args.device,
+            lr_scale=lr_scales.get(name),
+        )
         acc = evaluate(model, eval_data, 64)["accuracy"]
         row = {
             "method": name,

@@ -170,6 +170,10 @@ class TrainingSpec(_Model):
     grad_accum: int = Field(1, ge=1, le=1024, description="micro-batches per optimizer step")
     lr: float = Field(1e-3, gt=0, le=10)
     weight_decay: float = Field(0.0, ge=0, le=10)
+    lr_scale: dict[str, Annotated[float, Field(gt=0, le=1000)]] = Field(
+        default_factory=dict,
+        description='{regex on a trainable parameter\'s name: LR multiplier}, e.g. {"gate": 10}; first match wins',
+    )
     warmup_steps: int = Field(0, ge=0)
     schedule: Literal["linear", "cosine", "constant"] = "linear"
     max_grad_norm: float | None = Field(1.0, gt=0)
@@ -182,6 +186,16 @@ class TrainingSpec(_Model):
     save_every: int = Field(0, ge=0, description="optimizer steps between checkpoints; 0: end and stop only")
     seed: int = Field(0, ge=0, le=2**32 - 1)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+
+    @field_validator("lr_scale")
+    @classmethod
+    def _regexes(cls, v: dict) -> dict:
+        for pattern in v:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"{pattern!r} is not a valid regular expression ({e}); escape it or fix it") from None
+        return v
 
 
 @dataclasses.dataclass

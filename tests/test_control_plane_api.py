@@ -146,6 +146,8 @@ def test_idempotency_key(env):
         ({"scaling": {"num_workers": 2, "gpus": 1}}, "body.scaling.gpus", "Extra inputs"),
         ({"executor_options": {"token": "x"}}, "body.executor_options", "credentials"),
         ({"shots": "many"}, "body.shots", "integer"),
+        ({"training": {"lr_scale": {"gate(": 10}}}, "body.training.lr_scale", "regular expression"),
+        ({"training": {"lr_scale": {"gate": 0}}}, "body.training.lr_scale.gate", "greater than"),
     ],
 )
 def test_bad_spec_names_field_and_fix(env, change, field, words):

@@ -24,6 +24,7 @@ from qpeft_core.train import (
     train,
 )
 from qpeft_core.train.data import IGNORE
+from qpeft_core.train.loop import param_groups
 from qpeft_core.train.models import tiny_tokenizer
 
 TEXT = "the cat sat on the mat . the dog sat on the log . " * 40
@@ -264,3 +265,25 @@ def test_config_errors(tok):
         train(model, tok, data, None, TrainConfig(max_steps=1, progress=False, device="cpu"))
     with pytest.raises(ValueError, match="schedule"):
         train(CountingModel(), tok, data, None, TrainConfig(schedule="step", progress=False, device="cpu"))
+
+
+def test_lr_scale_groups_follow_the_schedule(tok):
+    model, _ = _lora_gpt2(targets=("c_attn",))
+    groups = param_groups(model, TrainConfig(lr=1e-2, lr_scale={r"lora_A": 1e-6, "lora_B": 2.0}))
+    assert [(g["lr"], len(g["params"])) for g in groups] == [(pytest.approx(1e-8), 2), (pytest.approx(2e-2), 2)]
+    a0 = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    cfg = TrainConfig(max_steps=4, lr=1e-2, lr_scale={"lora_A": 1e-6}, warmup_steps=2, progress=False, device="cpu")
+    train(model, tok, lm_blocks([TEXT], tok, 16), None, cfg)
+    moved = {n: (p.detach() - a0[n]).abs().max().item() for n, p in model.named_parameters() if p.requires_grad}
+    assert all(v < 1e-6 for n, v in moved.items() if "lora_A" in n)  # Adam steps are ~lr: 1e-8 here
+    assert all(v > 1e-3 for n, v in moved.items() if "lora_B" in n)
+
+
+def test_lr_scale_errors_name_the_pattern():
+    model, _ = _lora_gpt2(targets=("c_attn",))
+    with pytest.raises(ValueError, match=r"\['gatee'\] match no trainable parameter"):
+        param_groups(model, TrainConfig(lr_scale={"lora_A": 2, "gatee": 10}))
+    with pytest.raises(ValueError, match="not a valid regex"):
+        param_groups(model, TrainConfig(lr_scale={"lora_(": 2}))
+    with pytest.raises(ValueError, match=r"multiplier must be > 0"):
+        param_groups(model, TrainConfig(lr_scale={"lora_A": 0}))

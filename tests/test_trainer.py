@@ -48,7 +48,7 @@ def make_spec(corpus, **over) -> JobSpec:
         "method_config": QPA,
         "executor": "exact",
         "max_steps": 6,
-        "training": {"batch_size": 4, "lr": 1e-2, "save_every": 2, "eval_max_batches": 2},
+        "training": {"batch_size": 4, "lr": 1e-2, "save_every": 2, "eval_max_batches": 2, "lr_scale": {"gate": 3}},
         "scaling": {"num_workers": 2},
     }
     for key, value in over.items():
@@ -109,6 +109,12 @@ def test_two_replicas_share_one_pool_call_per_step(baseline):
     state = json.loads((ck / "trainer_state.json").read_text())
     assert state["step"] == 6 and state["data"]["index"] > 0 and len(state["history"]) == 7  # steps 0..6
     assert (ck / "state.pt").is_file() and (ck / "adapter" / "adapter_config.json").is_file()
+    groups = torch.load(ck / "state.pt", weights_only=False)["optimizer"]["param_groups"]
+    # training.lr_scale {"gate": 3}: the gates in a group of their own (theta and 3 Linear layers in the other)
+    assert [len(g["params"]) for g in groups] == [7, 1] and (groups[0]["initial_lr"], groups[1]["initial_lr"]) == (
+        1e-2,
+        3e-2,
+    )
     assert set(r.artifacts) == {"adapter", "lora"}
     assert (Path(r.artifacts["lora"]) / "adapter_config.json").is_file()
     assert json.loads((Path(r.artifacts["lora"]) / "adapter_config.json").read_text())["peft_type"] == "LORA"
@@ -228,7 +234,14 @@ def test_entry_point_end_to_end(ray_cluster, corpus, tmp_path):
     """`python -m services.trainer --spec job.json` as the control plane runs it: a subprocess attached to the
     session cluster through RAY_ADDRESS, events parsed from its stdout. The classical LoRA baseline goes
     through the same trainer, without a pool."""
-    spec = make_spec(corpus, method="lora", method_config={"r": 4}, max_steps=3, scaling={"num_workers": 1})
+    spec = make_spec(
+        corpus,
+        method="lora",
+        method_config={"r": 4},
+        max_steps=3,
+        scaling={"num_workers": 1},
+        training={"lr_scale": {}},
+    )
     path = spec.dump(tmp_path / "job.json")
     env = {
         **os.environ,

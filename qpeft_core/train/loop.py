@@ -15,8 +15,9 @@ import dataclasses
 import json
 import math
 import os
+import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -38,6 +39,9 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 1e-3
     weight_decay: float = 0.0
+    # {regex on a trainable parameter's name: LR multiplier}; the first pattern that matches (re.search) wins,
+    # unmatched parameters get 1. E.g. {"gate": 10} for QPA's output gates, {"classifier": 0.5} for a head.
+    lr_scale: dict[str, float] = field(default_factory=dict)
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = 0
     schedule: str = "linear"  # after warmup: linear | cosine decay to 0, or constant
@@ -88,6 +92,34 @@ def lr_factor(cfg: TrainConfig):
     return factor
 
 
+def param_groups(model, cfg: TrainConfig) -> list[dict]:
+    """The model's trainable parameters as AdamW groups, one per distinct cfg.lr_scale multiplier (the
+    unscaled group first, so param_groups[0]["lr"] is the logged base rate). LambdaLR scales each group's own
+    initial lr, so the schedule keeps the ratios."""
+    patterns = []
+    for pattern, scale in cfg.lr_scale.items():
+        try:
+            patterns.append((re.compile(pattern), float(scale)))
+        except re.error as e:
+            raise ValueError(f"TrainConfig.lr_scale: {pattern!r} is not a valid regex ({e})") from None
+        if not scale > 0:
+            raise ValueError(f"TrainConfig.lr_scale[{pattern!r}] = {scale!r}; a multiplier must be > 0")
+    groups, used = {1.0: []}, set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        hit = next((i for i, (rx, _) in enumerate(patterns) if rx.search(name)), None)
+        used.add(hit)
+        groups.setdefault(1.0 if hit is None else patterns[hit][1], []).append(p)
+    unused = [pat for i, (pat, _) in enumerate(cfg.lr_scale.items()) if i not in used]
+    if unused:
+        raise ValueError(
+            f"TrainConfig.lr_scale: {unused} match no trainable parameter; check the names "
+            "with model.named_parameters()"
+        )
+    return [{"params": ps, "lr": cfg.lr * scale} for scale, ps in groups.items() if ps]
+
+
 def quantum_usage(model) -> dict | None:
     """The model's cumulative quantum usage as a JSON-able dict, from `quantum_usage()` or `usage`."""
     fn = getattr(model, "quantum_usage", None)
@@ -128,10 +160,10 @@ def train(
     main = accelerator.is_main_process
     set_seed(cfg.seed)  # overwritten below by the checkpoint's RNG states when resuming
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
+    if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("the model has no trainable parameters; wrap it first (get_qpeft_model / make_lora_model)")
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    params = [p for p in model.parameters() if p.requires_grad]  # for clipping
+    optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     # The scheduler is not passed to prepare(): Accelerate would step it once per process, and here a step
     # means one optimizer step whatever the number of processes.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg))

@@ -27,7 +27,7 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from qpeft_core.adapters import get_qpeft_model
 from qpeft_core.quantum.backend import ExecutionResult, Usage
 from qpeft_core.train import Batches, TrainConfig, checkpoint, evaluate, load_data, load_model, make_lora_model
-from qpeft_core.train.loop import lr_factor
+from qpeft_core.train.loop import lr_factor, param_groups
 from services.jobspec import JobSpec
 
 from . import events
@@ -184,8 +184,10 @@ def train_loop_per_worker(config: dict) -> None:
     say.state("TRAINING")
 
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
-    lr_cfg = TrainConfig(max_steps=spec.max_steps, warmup_steps=tc.warmup_steps, schedule=tc.schedule)
+    lr_cfg = TrainConfig(
+        max_steps=spec.max_steps, lr=tc.lr, lr_scale=tc.lr_scale, warmup_steps=tc.warmup_steps, schedule=tc.schedule
+    )
+    opt = torch.optim.AdamW(param_groups(model, lr_cfg), lr=tc.lr, weight_decay=tc.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(lr_cfg))  # stepped once per optimizer step
     model, opt = acc.prepare(model, opt)
     raw = acc.unwrap_model(model)
