@@ -142,7 +142,12 @@ def run_service_demo(model: str, data_dir, device: str = "cpu", steps: int = 10,
                 "base_model": model,
                 "dataset": {"train": "wikitext-2", "eval": "wikitext-2-test", "max_length": max_length, "limit": 64},
                 "method": "qpa",
-                "method_config": {"r": 4, "quantum_grad": "per_step"},
+                # 2048 numbers per basis state suit SmolLM2's 230,400; a tiny test model needs far fewer
+                "method_config": {
+                    "r": 4,
+                    "quantum_grad": "per_step",
+                    "n_mlp": 64 if model.startswith("tiny") else 2048,
+                },
                 "training": {"batch_size": batch, "lr": 2e-3, "warmup_steps": 1, "eval_max_batches": 2},
             }
             sampled = {**base, "name": "qpa on aer", "executor": "aer", "shots": 256, "gradient": "parameter_shift"}

@@ -23,6 +23,7 @@ from transformers.pytorch_utils import Conv1D
 from qpeft_core import QPAConfig, QPEFTModel, get_qpeft_model
 from qpeft_core.adapters import AdaptedLinear, AdapterConfig, AdapterMethod, config_from_dict, register_method
 from qpeft_core.adapters.io import CONFIG_NAME, WEIGHTS_NAME
+from qpeft_core.adapters.qpa.generator import REFERENCE_WIDTHS
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
@@ -64,6 +65,7 @@ IDS = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(1))
 
 
 def qpa(targets, saves=(), **kw):
+    kw = {"mapping_widths": REFERENCE_WIDTHS, **kw}  # with n_mlp 512, the tiny targets leave no room for a half budget
     return QPAConfig(target_modules=targets, modules_to_save=list(saves), r=2, n_mlp=512, qnn_depth=2, **kw)
 
 

@@ -146,6 +146,7 @@ def test_idempotency_key(env):
         ({"scaling": {"num_workers": 2, "gpus": 1}}, "body.scaling.gpus", "Extra inputs"),
         ({"executor_options": {"token": "x"}}, "body.executor_options", "credentials"),
         ({"shots": "many"}, "body.shots", "integer"),
+        ({"method_config": {"r": 2, "n_mlp": 4096}}, "body.method_config.param_budget", "leaves no room"),
         ({"training": {"lr_scale": {"gate(": 10}}}, "body.training.lr_scale", "regular expression"),
         ({"training": {"lr_scale": {"gate": 0}}}, "body.training.lr_scale.gate", "greater than"),
     ],

@@ -11,6 +11,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from qpeft_core import QPAConfig, QPEFTModel, get_qpeft_model
 from qpeft_core.adapters.layers import find_targets
 from qpeft_core.adapters.qpa import QPAGenerator, QPAMethod, plan
+from qpeft_core.adapters.qpa.generator import REFERENCE_WIDTHS
 from qpeft_core.quantum.backend import TorchBackend
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
@@ -71,8 +72,29 @@ def test_gpt2_lm_head_reference_count():
     )
     assert f"{100 * trainable / m:.2f}" == "52.06"
     assert total == trainable + 768 * 50257
-    default = get_qpeft_model(Head(768, 50257), QPAConfig(target_modules=["lm_head"], r=4, n_mlp=2048, qnn_depth=8))
+    same = QPAConfig(target_modules=["lm_head"], r=4, n_mlp=2048, qnn_depth=8, mapping_widths=REFERENCE_WIDTHS)
+    default = get_qpeft_model(Head(768, 50257), same)
     assert default.get_nb_trainable_parameters()[0] == 106_264 + 1  # + one zero-started gate per target
+
+
+def test_default_width_is_the_widest_within_the_budget():
+    """mapping_widths=None: one hidden layer (N + 1) -> w -> n_mlp, w the largest that keeps angles + MLP +
+    gate within param_budget * m."""
+
+    def count(w):  # 7 qubits x 8 layers, the MLP, one gate
+        return 56 + (8 * w + w) + (w * 2048 + 2048) + 1
+
+    for budget in (0.5, 0.55, 0.3):
+        cfg = QPAConfig(target_modules=["lm_head"], r=4, n_mlp=2048, qnn_depth=8, param_budget=budget)
+        model = get_qpeft_model(Head(768, 50257), cfg)
+        (w,) = model.method.widths
+        n = model.get_nb_trainable_parameters()[0]
+        assert n == count(w) <= budget * 204_100 < count(w + 1)
+    assert w == 28 and n == 59_701  # budget 0.3
+    with pytest.raises(ValueError, match="raise param_budget to at least"):
+        get_qpeft_model(Head(768, 50257), QPAConfig(target_modules=["lm_head"], param_budget=0.01))
+    with pytest.raises(ValueError, match="param_budget"):
+        QPAConfig(target_modules=["lm_head"], param_budget=0)
 
 
 def test_large_head_reference_count():

@@ -27,7 +27,13 @@ class QPAConfig(AdapterConfig):
     n_mlp: generated parameters per basis state; B = ceil(m / n_mlp) states, N = ceil(log2 B) qubits.
     qnn_depth, entangler: the QNN's L blocks of [RY on every qubit, CNOT ladder (or ring)].
     mapping_widths, activation: hidden widths of the mapping MLP and the nonlinearity between its layers
-        ("none" is the reference's purely linear stack).
+        ("none" is the reference's purely linear stack). None: with mapping="reference" the reference's seven
+        layers (REFERENCE_WIDTHS), else one hidden layer as wide as param_budget allows. One wide layer,
+        because the generated B x n_mlp block has rank at most (last hidden width + 1): the reference's
+        narrow last layer (32) caps it at 33 however many states there are (benchmarks/RESULTS.md,
+        qpa_wikitext_tune).
+    param_budget: for mapping_widths=None (not "reference"): all trainable numbers (angles, MLP, gates) at
+        most this fraction of the generated LoRA's m; the paper's QPA uses about half.
     bit_features: "index" feeds the N bits of each state's index as +-1; "random" re-draws them every call,
         as the reference code does.
     gamma, beta, alpha: post-processing p~ = (beta tanh(gamma 2^(N-1) p))^alpha - mean.
@@ -51,7 +57,8 @@ class QPAConfig(AdapterConfig):
     n_mlp: int = 2048
     qnn_depth: int = 8
     entangler: str = "ladder"
-    mapping_widths: list[int] = field(default_factory=lambda: [32, 64, 128, 128, 64, 32, 32])
+    mapping_widths: list[int] | None = None
+    param_budget: float = 0.5
     activation: str = "gelu"
     bit_features: str = "index"
     gamma: float = 0.1
@@ -68,7 +75,8 @@ class QPAConfig(AdapterConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        self.mapping_widths = list(self.mapping_widths)
+        if self.mapping_widths is not None:
+            self.mapping_widths = list(self.mapping_widths)
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"QPAConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
@@ -84,5 +92,10 @@ class QPAConfig(AdapterConfig):
             raise ValueError(
                 "QPAConfig.gradient='autograd' needs shots=None; use 'parameter_shift' or 'spsa' with shots"
             )
-        if not all(isinstance(w, int) and w > 0 for w in self.mapping_widths):
-            raise ValueError(f"QPAConfig.mapping_widths must be positive ints, got {self.mapping_widths}")
+        if self.mapping_widths is not None and not all(
+            isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in self.mapping_widths
+        ):
+            raise ValueError(f"QPAConfig.mapping_widths must be None or positive ints, got {self.mapping_widths}")
+        b = self.param_budget
+        if isinstance(b, bool) or not isinstance(b, int | float) or not 0 < b <= 10:
+            raise ValueError(f"QPAConfig.param_budget must be a fraction of LoRA's count in (0, 10], got {b!r}")

@@ -17,6 +17,23 @@ ACTIVATION_MODULES = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh":
 POW_FLOOR = 1e-12
 
 
+REFERENCE_WIDTHS = [32, 64, 128, 128, 64, 32, 32]  # the reference code's mapping MLP
+
+
+def budget_width(m: int, n_mlp: int, layers: int, extra: int, budget: float) -> int:
+    """The width of one hidden layer that keeps all trainable numbers (N L angles, the MLP
+    (N + 1) -> w -> n_mlp, `extra` others) within budget * m. ValueError if not even width 1 fits."""
+    n = plan(m, n_mlp)[1]
+    w = math.floor((budget * m - n * layers - extra - n_mlp) / (n + 2 + n_mlp))
+    if w < 1:
+        need = (n * layers + extra + n_mlp + n + 2 + n_mlp) / m
+        raise ValueError(
+            f"QPAConfig.param_budget={budget:g} leaves no room for a mapping MLP ({m} generated numbers, n_mlp "
+            f"{n_mlp}): raise param_budget to at least {need:.3g}, lower n_mlp, or set mapping_widths"
+        )
+    return w
+
+
 def plan(m: int, n_mlp: int) -> tuple[int, int]:
     """(B basis states, N qubits) to generate m parameters, n_mlp per state."""
     n_states = math.ceil(m / n_mlp)

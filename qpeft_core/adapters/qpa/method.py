@@ -19,7 +19,7 @@ from ...quantum.ansatz import qpa_ansatz
 from ...quantum.backend import Usage
 from ...quantum.gradients import QNN
 from ..model import AdapterMethod
-from .generator import QPAGenerator
+from .generator import REFERENCE_WIDTHS, QPAGenerator, budget_width
 
 REFERENCE_LAST_LAYER_SCALE = 1e-3  # mapping="reference": start near Delta W = 0 without an extra parameter
 
@@ -29,11 +29,17 @@ class QPAMethod(AdapterMethod):
         super().__init__(config, targets)
         r = config.r
         self.m = sum(r * (t.d_in + t.d_out) for t in targets.values())
+        gates = len(targets) if config.mapping == "default" else 0
+        self.widths = config.mapping_widths or (
+            REFERENCE_WIDTHS
+            if config.mapping == "reference"
+            else [budget_width(self.m, config.n_mlp, config.qnn_depth, gates, config.param_budget)]
+        )
         self.generator = QPAGenerator(
             self.m,
             config.n_mlp,
             config.qnn_depth,
-            config.mapping_widths,
+            self.widths,
             activation=config.activation,
             bit_features=config.bit_features,
             gamma=config.gamma,
@@ -43,7 +49,7 @@ class QPAMethod(AdapterMethod):
             seed=config.seed,
         )
         # LoRA starts at B = 0; here B comes out of the same MLP as A, so a per-target gate on B does that job
-        self.gate = nn.Parameter(torch.zeros(len(targets))) if config.mapping == "default" else None
+        self.gate = nn.Parameter(torch.zeros(gates)) if gates else None
         self.scaling = config.lora_alpha / r
         self.ansatz = qpa_ansatz(self.generator.n_qubits, config.qnn_depth, config.entangler)
         self.quantum_grad = config.quantum_grad
