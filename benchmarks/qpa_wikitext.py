@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/qpa_wikitext.py [--steps 80] [--batch-size 4] [--block 128]
         [--eval-tokens 4096] [--targets q_proj,v_proj] [--lora-lr ..] [--qpa-lr ..] [--n-mlp 2048]
-        [--qnn-depth 8] [--layout target|rows] [--widths 32,64,...] [--mapping default|reference]
+        [--qnn-depth 8] [--layout target|rows] [--widths 32,64,... | --param-budget 0.5] [--mapping default|reference]
         [--seed 0] [--device cpu|cuda] [--append-results]
     .venv/bin/python benchmarks/qpa_wikitext.py --tune 1e-3,3e-3,1e-2 [--tune-steps 25]   # LR sweep
 
@@ -33,7 +33,10 @@ def main():
     ap.add_argument("--n-mlp", type=int, default=2048)
     ap.add_argument("--qnn-depth", type=int, default=8)
     ap.add_argument("--layout", choices=("target", "rows"), default="target", help="QPAConfig.layout")
-    ap.add_argument("--widths", default=None, help="mapping MLP hidden widths, e.g. 64,128,160 (default: QPAConfig's)")
+    ap.add_argument(
+        "--widths", default=None, help="mapping MLP hidden widths, e.g. 64,128,160 (default: one layer, --param-budget)"
+    )
+    ap.add_argument("--param-budget", type=float, default=0.5, help="QPAConfig.param_budget, when --widths is not set")
     ap.add_argument("--mapping", choices=("default", "reference"), default="default")
     ap.add_argument("--activation", default="gelu")
     ap.add_argument(
@@ -62,13 +65,14 @@ def main():
             layout=args.layout,
             mapping=args.mapping,
             activation=args.activation,
+            param_budget=args.param_budget,
             **({"mapping_widths": [int(w) for w in args.widths.split(",")]} if args.widths else {}),
         )
         peft = get_qpeft_model(model, cfg)
         qpa_info.update(
             qubits=peft.method.n_qubits,
             states=peft.method.generator.n_states,
-            widths=cfg.mapping_widths,
+            widths=peft.method.widths,
             mapping=cfg.mapping,
             layout=cfg.layout,
             activation=cfg.activation,
@@ -112,7 +116,10 @@ def main():
     )
     save_json(
         common.result_name(
-            "qpa_wikitext", args, ap, ("targets", "steps", "seed", "n_mlp", "layout", "widths", "mapping")
+            "qpa_wikitext",
+            args,
+            ap,
+            ("targets", "steps", "seed", "n_mlp", "layout", "widths", "param_budget", "mapping"),
         ),
         {
             "args": vars(args),

@@ -164,7 +164,7 @@ def test_rows_layout_places_whole_rows_longest_first():
     rows = []  # (start, length) of every A row and B column, to check they tile the flat vector
     for k, (name, t) in enumerate(m.targets.items()):
         a, b = got[name]
-        starts_a, starts_b = m._row_slices()[name]
+        starts_a, starts_b = m.rows[name]
         for j in range(cfg.r):
             assert torch.equal(a[j], flat[starts_a[j] : starts_a[j] + t.d_in])
             gate = m.scaling * m.gate[k]

@@ -57,6 +57,7 @@ class QPAMethod(AdapterMethod):
         self.calls = {"forward": 0, "gradient": 0}  # executor calls made by this method
         self._qnn, self._qnn_auto = None, True
         self.probs, self._probs_key, self._probs_theta = None, None, None
+        self.rows = self._row_offsets() if config.layout == "rows" else None
 
     @property
     def n_qubits(self) -> int:
@@ -139,7 +140,7 @@ class QPAMethod(AdapterMethod):
     def factors(self):
         flat = self.generator(self.quantum_probs())
         out, i, r = {}, 0, self.config.r
-        rows = self._row_slices() if self.config.layout == "rows" else None
+        rows = self.rows
         for k, t in enumerate(self.targets.values()):
             if rows is not None:
                 a = torch.stack([flat[s : s + t.d_in] for s in rows[t.name][0]])
@@ -152,18 +153,17 @@ class QPAMethod(AdapterMethod):
             out[t.name] = (a, b * (self.scaling if self.gate is None else self.scaling * self.gate[k]))
         return out
 
-    def _row_slices(self) -> dict:
+    def _row_offsets(self) -> dict:
         """layout="rows": start offsets of each target's r A rows and r B columns in the flat vector."""
-        if getattr(self, "_rows", None) is None:
-            items = [(t.d_in, t.name, 0, j) for t in self.targets.values() for j in range(self.config.r)]
-            items += [(t.d_out, t.name, 1, j) for t in self.targets.values() for j in range(self.config.r)]
-            items.sort(key=lambda x: -x[0])  # stable: equal-length rows stay in target order
-            rows, i = {t.name: ([0] * self.config.r, [0] * self.config.r) for t in self.targets.values()}, 0
-            for length, name, which, j in items:
-                rows[name][which][j] = i
-                i += length
-            self._rows = rows
-        return self._rows
+        r = self.config.r
+        items = [(t.d_in, t.name, 0, j) for t in self.targets.values() for j in range(r)]
+        items += [(t.d_out, t.name, 1, j) for t in self.targets.values() for j in range(r)]
+        items.sort(key=lambda x: -x[0])  # stable: equal-length rows stay in target order
+        rows, i = {t.name: ([0] * r, [0] * r) for t in self.targets.values()}, 0
+        for length, name, which, j in items:
+            rows[name][which][j] = i
+            i += length
+        return rows
 
     def extra_state(self):
         # the probabilities in use, so a loaded adapter reproduces outputs exactly (also after shot noise)
