@@ -11,12 +11,8 @@ import pytest
 import torch
 from torch import nn
 from transformers import (
-    BertConfig,
-    BertForSequenceClassification,
     GPT2Config,
     GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
 )
 from transformers.pytorch_utils import Conv1D
 
@@ -24,36 +20,21 @@ from qpeft_core import QPAConfig, QPEFTModel, get_qpeft_model
 from qpeft_core.adapters import AdaptedLinear, AdapterConfig, AdapterMethod, config_from_dict, register_method
 from qpeft_core.adapters.io import CONFIG_NAME, WEIGHTS_NAME
 from qpeft_core.adapters.qpa.generator import REFERENCE_WIDTHS
+from qpeft_core.train import load_model
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
 
 def gpt2():
-    torch.manual_seed(0)
-    cfg = GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=512, n_positions=64, bos_token_id=0, eos_token_id=0)
-    return GPT2LMHeadModel(cfg).eval()
+    return load_model("tiny-gpt2", device="cpu")[0].eval()
 
 
 def llama():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(cfg).eval()
+    return load_model("tiny-llama", device="cpu")[0].eval()
 
 
 def bert():
-    torch.manual_seed(0)
-    cfg = BertConfig(
-        vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=96, num_labels=3
-    )
-    return BertForSequenceClassification(cfg).eval()
+    return load_model("tiny-bert", task="seq_cls", num_labels=3, device="cpu")[0].eval()
 
 
 MODELS = {

@@ -23,6 +23,8 @@ class Head(nn.Module):
         self.lm_head = nn.Linear(d_in, d_out, bias=False, device=device)
 
 
+# Smaller than load_model("tiny-llama") / ("tiny-gpt2") (1 layer, width 32): the parameter-shift gradient tests
+# below run the model once per shifted angle, and the layout test relies on these exact shapes.
 def llama():
     torch.manual_seed(0)
     cfg = LlamaConfig(
