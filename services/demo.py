@@ -50,11 +50,10 @@ def _follow(client, job: dict, console) -> dict:
 
 
 def _report(client, job: dict, console, summary: dict) -> None:
-    """The trainer's parameter count (from its log) and the perplexity of its evaluations (from its metrics)."""
-    lines = client.get(f"/v1/jobs/{job['id']}/logs", params={"tail": 500}).raise_for_status().json()["lines"]
-    counts = [ln["line"] for ln in lines if "trainable parameters" in ln["line"]]
-    if counts:
-        console.print(counts[-1])
+    """The trainer's parameter counts and the perplexity of its evaluations (from its metrics)."""
+    if job.get("parameters"):
+        n = job["parameters"]
+        console.print(f"trainable parameters ({job['spec']['method']}): {n['trainable']:,} of {n['total']:,}")
     points = client.get(f"/v1/jobs/{job['id']}/metrics").raise_for_status().json()["points"]
     ppl = [(p["step"], p["eval"]["ppl"]) for p in points if p["eval"] and "ppl" in p["eval"]]
     if ppl:

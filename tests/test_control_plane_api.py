@@ -230,6 +230,7 @@ def test_job_lifecycle_from_trainer_events(env_any_db, monkeypatch):
         sid,
         "Runtime env is setting up.",
         ev("state", sub_state="WAITING_QPU"),
+        ev("params", trainable=1234, total=98765),
         ev("progress", step=1, max_steps=5, loss=2.5, shots_spent=1700, tokens_per_s=900.0, pool_calls=2),
         "token in a traceback: very-secret-token",
         "half a li",
@@ -238,6 +239,7 @@ def test_job_lifecycle_from_trainer_events(env_any_db, monkeypatch):
     rec.reconcile_once()
     j = c.get(f"/v1/jobs/{jid}", headers=a).json()
     assert (j["state"], j["sub_state"], j["step"], j["loss"]) == ("RUNNING", "WAITING_QPU", 1, 2.5)
+    assert j["parameters"] == {"trainable": 1234, "total": 98765}
     logs = c.get(f"/v1/jobs/{jid}/logs", headers=a).json()
     assert [x["line"] for x in logs["lines"]] == ["Runtime env is setting up.", "token in a traceback: ***"]
 

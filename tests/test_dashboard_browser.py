@@ -92,7 +92,13 @@ def test_dashboard_live(tmp_path, browser):
         def points():
             return int(attr(browser, "#loss-chart polyline.loss", "data-points") or 0)
 
-        ray.emit(sid, {"type": "state", "sub_state": "TRAINING"}, progress(1, 3.0), progress(2, 2.6))
+        ray.emit(
+            sid,
+            {"type": "state", "sub_state": "TRAINING"},
+            {"type": "params", "trainable": 125584, "total": 134640000},
+            progress(1, 3.0),
+            progress(2, 2.6),
+        )
         wait_for(lambda: points() >= 2, timeout=20, what="the first points of the curve")
         for step in range(3, 8):
             ray.emit(sid, progress(step, 3.0 * 0.88**step), f"step {step} done")
@@ -103,6 +109,7 @@ def test_dashboard_live(tmp_path, browser):
         wait_for(lambda: "step 7 done" in (text(browser, "#log") or ""), timeout=10, what="the log tail")
         assert attr(browser, "#loss-chart polyline.eval", "data-points") == "3"
         assert "shots:" in text(browser, "#budget-text")
+        assert text(browser, '#job-meta [data-field="trainable"]') == "trainable: 125,584 of 134,640,000 parameters"
         assert text(browser, "#conn") == "live"
 
         art = settings.job_dir(job["id"]) / "artifacts" / "adapter"

@@ -264,6 +264,8 @@ def test_entry_point_end_to_end(ray_cluster, corpus, tmp_path):
     kinds = [e["type"] for e in evs]
     assert kinds[0] == "log" and kinds[-1] == "result" and kinds.count("result") == 1
     assert any(e["type"] == "log" and e["message"].startswith("trainable parameters (lora): ") for e in evs)
+    (params,) = [e for e in evs if e["type"] == "params"]
+    assert 0 < params["trainable"] < params["total"]
     assert evs[-1]["state"] == "SUCCEEDED" and evs[-1]["reason"] == "trained 3 steps"
     assert [e["sub_state"] for e in evs if e["type"] == "state"] == ["TRAINING"]  # no quantum pool for LoRA
     progress = [e for e in evs if e["type"] == "progress"]

@@ -62,6 +62,9 @@ def ingest(db: Session, job: Job, lines: list[str], artifact_root: Path, secrets
             _sub_state(job, event.get("sub_state"))
         elif kind == "progress":
             _progress(db, job, event, t)
+        elif kind == "params":
+            job.trainable_params = _num(event.get("trainable"), int)
+            job.total_params = _num(event.get("total"), int)
         elif kind == "artifact":
             _artifact(db, job, event, artifact_root)
         elif kind == "result" and event.get("state") in FINAL_STATES:

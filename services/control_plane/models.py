@@ -128,6 +128,8 @@ class Job(Base):
     pool_calls: Mapped[int] = mapped_column(Integer, default=0)
     forecast_shots: Mapped[int | None] = mapped_column(BigInteger)
     forecast_qpu_s: Mapped[float | None] = mapped_column(Float)
+    trainable_params: Mapped[int | None] = mapped_column(BigInteger)  # the trainer's `params` event
+    total_params: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class JobMetric(Base):

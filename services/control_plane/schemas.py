@@ -93,6 +93,11 @@ class JobShots(BaseModel):
     qpu_seconds_forecast: float | None
 
 
+class JobParameters(BaseModel):
+    trainable: int
+    total: int
+
+
 class Job(BaseModel):
     id: str
     name: str | None
@@ -105,6 +110,7 @@ class Job(BaseModel):
     step: int
     max_steps: int
     loss: float | None
+    parameters: JobParameters | None = Field(description="the adapted model's counts, once training has started")
     shots: JobShots
     spec: dict[str, Any]
     links: dict[str, str]

@@ -5,6 +5,7 @@ anywhere in a line, so prefixes added by Ray or a shell do not matter. Every eve
   state     sub_state: WAITING_QPU | EXECUTING_QPU | TRAINING
   progress  step, max_steps, loss, eval (dict), shots_spent, qpu_s, tokens_per_s, time (+ step_s, pool_calls)
   log       message
+  params    trainable, total (the adapted model's parameter counts, once training starts)
   artifact  name, path (a directory under QPEFT_ARTIFACT_DIR)
   result    state: SUCCEEDED | FAILED | BUDGET_EXHAUSTED | CANCELLED, reason
 """
@@ -17,7 +18,7 @@ import sys
 import time
 
 MARK = "QPEFT_EVENT "
-TYPES = ("state", "progress", "log", "artifact", "result")
+TYPES = ("state", "progress", "log", "params", "artifact", "result")
 SUB_STATES = ("WAITING_QPU", "EXECUTING_QPU", "TRAINING")
 RESULTS = ("SUCCEEDED", "FAILED", "BUDGET_EXHAUSTED", "CANCELLED")
 

@@ -209,6 +209,7 @@ def train_loop_per_worker(config: dict) -> None:
         return ray.get(pool.stats.remote()) if shared is not None and rank == 0 else {}
 
     trainable, total = raw.get_nb_trainable_parameters()
+    say("params", trainable=trainable, total=total)
     say("log", message=f"trainable parameters ({spec.method}): {trainable:,} of {total:,}")
     if tc.eval_at_start and step == 0:
         try:  # collective; the first step reuses these probabilities (same angles), so this costs no extra shots

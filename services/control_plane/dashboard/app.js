@@ -164,6 +164,9 @@ function renderJobMeta() {
     ["state", j.state + (j.sub_state ? ` (${j.sub_state})` : "")],
     ["reason", j.reason || "-"],
     ["method", `${j.spec.method} on ${j.spec.base_model}`],
+    ["trainable", j.parameters
+      ? `${j.parameters.trainable.toLocaleString("en")} of ${j.parameters.total.toLocaleString("en")} parameters`
+      : "-"],
     ["executor", j.spec.executor + (j.spec.shots ? ` × ${j.spec.shots} shots` : "")],
     ["step", `${j.step} / ${j.max_steps}`],
     ["shots", `${fmt(j.shots.spent)} spent, forecast ${fmt(j.shots.forecast)}` +

@@ -57,6 +57,9 @@ def job_out(request: Request, db, job: Job) -> schemas.Job:
         step=job.step,
         max_steps=job.max_steps,
         loss=job.loss,
+        parameters=None
+        if job.trainable_params is None
+        else schemas.JobParameters(trainable=job.trainable_params, total=job.total_params or 0),
         shots=schemas.JobShots(
             # the ledger is the record; a trainer's own count shows when it used no database ledger
             spent=max(acc.spent if acc else 0, job.shots_spent),
