@@ -344,6 +344,16 @@ def lm_compare(args, builders: dict, lrs: dict, lr_scales: dict | None = None) -
 
 
 # ---------------------------------------------------------------- step timing
+def step_args(ap: argparse.ArgumentParser) -> None:
+    """The options of the *_step.py benchmarks: one model, one batch, timed repeats after warmup."""
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--targets", default="q_proj,v_proj", help="comma-separated module names, the same for both")
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--block", type=int, default=128)
+
+
 def lm_batch(tok, data: Path, batch_size: int, block: int, device: str) -> dict:
     """One fixed training batch: the first batch_size packed blocks of WikiText-2 valid.txt."""
     blocks = lm_blocks(read_texts(data / "wikitext-2" / "valid.txt"), tok, block, max_tokens=batch_size * block)

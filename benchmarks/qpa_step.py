@@ -31,13 +31,8 @@ from qpeft_core.train import load_model, make_lora_model
 
 def main():
     ap = common.parser(__doc__)
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--targets", default="q_proj,v_proj")
+    common.step_args(ap)
     ap.add_argument("--r", type=int, default=4)
-    ap.add_argument("--repeats", type=int, default=15)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--block", type=int, default=128)
     ap.add_argument("--widths", default=None, help="mapping MLP hidden widths, as in qpa_wikitext.py")
     args = ap.parse_args()
     common.setup(args)

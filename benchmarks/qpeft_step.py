@@ -32,14 +32,9 @@ from qpeft_core.train import load_model, make_lora_model
 
 def main():
     ap = common.parser(__doc__)
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--targets", default="q_proj,v_proj")
+    common.step_args(ap)
     ap.add_argument("--qpeft-r", type=int, default=32, help="K (qpeft_causal.py's default)")
     ap.add_argument("--qpeft-layers", type=int, default=4, help="L (qpeft_causal.py's default)")
-    ap.add_argument("--repeats", type=int, default=15)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--block", type=int, default=128)
     args = ap.parse_args()
     common.setup(args)
     targets = args.targets.split(",")
