@@ -1,7 +1,7 @@
 """QPA vs LoRA r=4 on SmolLM2-135M, WikiText-2 (issue 3).
 
     .venv/bin/python benchmarks/qpa_wikitext.py [--steps 80] [--batch-size 4] [--block 128]
-        [--eval-tokens 4096] [--targets q_proj,v_proj] [--lora-lr ..] [--qpa-lr ..] [--n-mlp 2048]
+        [--eval-tokens 4096] [--targets q_proj,v_proj] [--lora-lr ..] [--qpa-lr ..] [--qpa-r 8] [--n-mlp 2048]
         [--qnn-depth 8] [--layout target|rows] [--widths 32,64,... | --param-budget 0.5] [--mapping default|reference]
         [--seed 0] [--device cpu|cuda] [--append-results]
     .venv/bin/python benchmarks/qpa_wikitext.py --tune 1e-3,3e-3,1e-2 [--tune-steps 25]   # LR sweep
@@ -26,7 +26,10 @@ from qpeft_core.train import load_model, make_lora_model
 def main():
     ap = common.parser(__doc__)
     lm_args(ap, steps=80, targets="q_proj,v_proj")
-    ap.add_argument("--r", type=int, default=4)
+    ap.add_argument("--r", type=int, default=4, help="LoRA's rank (the baseline)")
+    ap.add_argument(
+        "--qpa-r", type=int, default=None, help="rank of the LoRA factors QPA generates (default: --r); alpha = 2 r"
+    )
     # defaults from the sweep in benchmarks/results/qpa_wikitext_tune.json (20 steps, held-out valid tail)
     ap.add_argument("--lora-lr", type=float, default=1e-2)
     ap.add_argument("--qpa-lr", type=float, default=3e-2)
@@ -45,6 +48,7 @@ def main():
     args = ap.parse_args()
     common.setup(args)
     targets = args.targets.split(",")
+    qpa_r = args.qpa_r or args.r
 
     def lora():
         model, _ = load_model(args.model, device=args.device)
@@ -56,8 +60,8 @@ def main():
         model, _ = load_model(args.model, device=args.device)
         cfg = QPAConfig(
             target_modules=targets,
-            r=args.r,
-            lora_alpha=2 * args.r,
+            r=qpa_r,
+            lora_alpha=2 * qpa_r,
             n_mlp=args.n_mlp,
             qnn_depth=args.qnn_depth,
             quantum_grad="per_step",
@@ -119,7 +123,7 @@ def main():
             "qpa_wikitext",
             args,
             ap,
-            ("targets", "steps", "seed", "n_mlp", "layout", "widths", "param_budget", "mapping"),
+            ("targets", "steps", "seed", "qpa_r", "n_mlp", "layout", "widths", "param_budget", "mapping"),
         ),
         {
             "args": vars(args),
@@ -137,7 +141,8 @@ def main():
 `{command_line()}` ({common.environment(args.device)["date"][:10]}, {args.device}, load average at the end
 {load_avg()})
 
-SmolLM2-135M-Instruct, targets {args.targets}, rank {args.r}, alpha {2 * args.r}; QPA: n_mlp {args.n_mlp},
+SmolLM2-135M-Instruct, targets {args.targets}, LoRA rank {args.r}, alpha {2 * args.r}; QPA: generated rank {qpa_r},
+alpha {2 * qpa_r}, n_mlp {args.n_mlp},
 {qpa_info["states"]} basis states on {qpa_info["qubits"]} qubits, depth {args.qnn_depth}, mapping {qpa_info["mapping"]}
 ({qpa_info["activation"]}, widths {qpa_info["widths"]}), layout {qpa_info["layout"]};
 {args.steps} steps x {args.batch_size} x {args.block} tokens of WikiText-2 valid.txt; perplexity on the first
