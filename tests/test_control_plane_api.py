@@ -380,3 +380,28 @@ def test_jobs_get_the_database_url_without_its_password():
     url = "postgresql+psycopg://qpeft:s3cret@db.internal:5432/qpeft"
     assert job_database_url(url) == "postgresql+psycopg://qpeft@db.internal:5432/qpeft"
     assert job_database_url("sqlite:////var/lib/qpeft/qpeft.db") == "sqlite:////var/lib/qpeft/qpeft.db"
+
+
+def test_burst_beyond_the_pool_and_threads_never_stalls(tmp_path, pg_admin, monkeypatch):
+    """Far more requests at once than pooled connections (2) and threadpool threads (40): each request's
+    sync dependency and endpoint run as separate threadpool hops, so a connection kept between hops could
+    leave every thread waiting for a connection held by a request that waits for a thread. Every request
+    must be answered (with the hazard, they fail after pool_timeout)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from services.control_plane import db
+
+    from tests.test_control_plane_support import _drop_schema, _pg_schema_url
+
+    monkeypatch.setattr(db, "PG_POOL", {"pool_size": 2, "max_overflow": 0, "pool_timeout": 10})
+    schema, url = _pg_schema_url(pg_admin)
+    try:
+        app = create_app(make_settings(tmp_path / "data", url), ray=FakeRay(), reconcile=False)
+        with TestClient(app) as c:
+            a = new_tenant(c, "acme")
+            submit(c, a)
+            with ThreadPoolExecutor(96) as pool:
+                codes = list(pool.map(lambda _: c.get("/v1/jobs", headers=a).status_code, range(400)))
+        assert codes == [200] * 400, {code: codes.count(code) for code in set(codes)}
+    finally:
+        _drop_schema(pg_admin, schema, url)

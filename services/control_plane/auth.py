@@ -6,14 +6,17 @@ mixed with the admin's) and `admin`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
+import inspect
 import secrets
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request, Security
+from fastapi.routing import APIRoute
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -34,12 +37,46 @@ def hash_key(pepper: str, key: str) -> str:
     return hashlib.sha256((pepper + key).encode()).hexdigest()
 
 
-def get_db(request: Request) -> Iterator[Session]:
-    with request.app.state.sessions() as session:
+async def get_db(request: Request) -> AsyncIterator[Session]:
+    """The request's session. Async so that closing it (which hands its pooled connection back) runs on the
+    event loop when the response is done, not in another threadpool hop: a sync teardown keeps the connection
+    checked out until a worker thread is free, and under a burst every thread can be waiting for a
+    connection held that way (a stall, then pool timeouts; tests/test_control_plane_api.py, burst test).
+    Sessions are not shared between threads: the sync dependencies and the endpoint use it one after another."""
+    session = request.app.state.sessions()
+    try:
         yield session
+    finally:
+        session.close()  # a ROLLBACK round trip at most, when a transaction is still open
 
 
 Db = Annotated[Session, Depends(get_db)]
+
+
+class SessionReleasingRoute(APIRoute):
+    """A route whose sync endpoint closes its database sessions before it returns, in its own threadpool
+    hop. FastAPI validates a sync endpoint's response in a further hop; a session still holding its pooled
+    connection then keeps it while that hop waits for a free thread, and with every thread waiting for a
+    connection the server stalls (tests/test_control_plane_api.py, the burst test). Closing detaches the
+    ORM objects with their loaded attributes; the endpoints return pydantic models built from them."""
+
+    def __init__(self, path: str, endpoint, **kwargs):
+        if not inspect.iscoroutinefunction(endpoint):
+            endpoint = _closing_sessions(endpoint)
+        super().__init__(path, endpoint, **kwargs)
+
+
+def _closing_sessions(fn):
+    @functools.wraps(fn)  # FastAPI reads the parameters through __wrapped__
+    def endpoint(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            for value in kwargs.values():
+                if isinstance(value, Session):
+                    value.close()
+
+    return endpoint
 
 
 @dataclass(frozen=True)
@@ -64,9 +101,14 @@ def principal(
     if settings.admin_key and hmac.compare_digest(digest, hash_key(request.app.state.pepper, settings.admin_key)):
         return Principal(None, True)
     row = db.execute(select(ApiKey).where(ApiKey.key_hash == digest, ApiKey.revoked_at.is_(None))).scalar_one_or_none()
-    if row is None:
+    found = None if row is None else Principal(row.tenant, row.is_admin)
+    # End the read here: the pooled connection goes back now instead of staying checked out while this
+    # request waits for the threadpool to run its endpoint (under a burst, held connections whose requests
+    # wait for a thread, while every thread waits for a connection, stall the server).
+    db.rollback()
+    if found is None:
         raise ApiError(401, "unknown or revoked API key", "header.X-API-Key", "ask the admin for a valid key")
-    return Principal(row.tenant, row.is_admin)
+    return found
 
 
 async def tenant(p: Annotated[Principal, Depends(principal)]) -> str:  # async: no I/O, no threadpool hop

@@ -13,6 +13,7 @@ from sqlalchemy.pool import StaticPool
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 _engines: dict[str, Engine] = {}
+PG_POOL = {"pool_size": 10, "max_overflow": 20}  # per process; PostgreSQL allows 100 connections by default
 _lock = threading.Lock()
 
 
@@ -43,21 +44,16 @@ def engine_for(url: str) -> Engine:
                 path = make_url(url).database
                 if path and path != ":memory:":
                     Path(path).parent.mkdir(parents=True, exist_ok=True)
-                # No pool that can run dry: FastAPI runs a request's sync dependencies and endpoint as separate
-                # threadpool hops, and a session keeps its connection between them. With a bounded pool, a
-                # burst of requests can leave every thread waiting for a connection held by a request that is
-                # itself waiting for a thread (seen at 200 requests/s: 30 s stalls, then pool timeouts).
-                # So the pool never makes a checkout wait: beyond 16 kept connections it opens more (cheap for a
-                # SQLite file) and closes them on return.
+                # A checkout never waits: beyond 16 kept connections the pool opens more (cheap for a SQLite
+                # file) and closes them on return. Requests no longer hold connections between threadpool
+                # hops (auth.SessionReleasingRoute), which once stalled a bounded pool at 200 requests/s.
                 pool = (
                     {"pool_size": 16, "max_overflow": -1} if path and path != ":memory:" else {"poolclass": StaticPool}
                 )
                 eng = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, **pool)
                 event.listen(eng, "connect", _sqlite_pragmas)
             else:
-                # The same hazard, made remote: it now takes 100 requests in flight at once, not 30, to exhaust
-                # the pool (PostgreSQL's max_connections, 100 by default, bounds it anyway).
-                eng = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=90)
+                eng = create_engine(url, pool_pre_ping=True, **PG_POOL)
             _engines[url] = eng
         return _engines[url]
 

@@ -8,9 +8,9 @@ import time
 from fastapi import APIRouter
 
 from .. import schemas
-from ..auth import Authenticated
+from ..auth import Authenticated, SessionReleasingRoute
 
-router = APIRouter(tags=["backends"])
+router = APIRouter(route_class=SessionReleasingRoute, tags=["backends"])
 _cache: dict = {"at": 0.0, "items": None}
 _lock = threading.Lock()
 TTL_S = 300  # listing IBM devices needs the network; fake devices never change

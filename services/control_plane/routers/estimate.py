@@ -7,10 +7,10 @@ from fastapi import APIRouter, Request
 from services.jobspec import JobSpec
 
 from .. import schemas
-from ..auth import TenantName
+from ..auth import SessionReleasingRoute, TenantName
 from ..forecast import forecast
 
-router = APIRouter(tags=["estimate"])
+router = APIRouter(route_class=SessionReleasingRoute, tags=["estimate"])
 
 
 @router.post(

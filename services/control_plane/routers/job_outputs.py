@@ -21,12 +21,12 @@ from sqlalchemy import func, select
 from starlette.background import BackgroundTask
 
 from .. import schemas
-from ..auth import Db, TenantName
+from ..auth import Db, SessionReleasingRoute, TenantName
 from ..errors import ApiError
 from ..models import FINAL_STATES, Job, JobArtifact, JobLog, JobMetric
 from .jobs import JobId, find_job, job_out
 
-router = APIRouter(tags=["job outputs"])
+router = APIRouter(route_class=SessionReleasingRoute, tags=["job outputs"])
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 POLL_S = 0.5
 HEARTBEAT_S = 15.0

@@ -15,12 +15,12 @@ from sqlalchemy.exc import IntegrityError
 from services.jobspec import JobSpec
 
 from .. import schemas
-from ..auth import Db, TenantName
+from ..auth import Db, SessionReleasingRoute, TenantName
 from ..errors import ApiError
 from ..forecast import forecast
 from ..models import FINAL_STATES, Budget, Job
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(route_class=SessionReleasingRoute, prefix="/v1/jobs", tags=["jobs"])
 JobId = Annotated[str, PathParam(max_length=64, description="the job's id")]
 
 

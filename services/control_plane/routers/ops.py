@@ -10,9 +10,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
 from .. import schemas
-from ..auth import Authenticated
+from ..auth import Authenticated, SessionReleasingRoute
 
-router = APIRouter(tags=["operations"])
+router = APIRouter(route_class=SessionReleasingRoute, tags=["operations"])
 
 
 @router.get("/healthz", summary="Liveness: the process answers")

@@ -9,12 +9,12 @@ from fastapi import Path as PathParam
 from sqlalchemy import select
 
 from .. import schemas
-from ..auth import Admin, Db, TenantName, hash_key, new_key
+from ..auth import Admin, Db, SessionReleasingRoute, TenantName, hash_key, new_key
 from ..errors import ApiError
 from ..ledger import AccountState
 from ..models import ApiKey, Budget, Tenant, now
 
-router = APIRouter(tags=["tenants and budgets"])
+router = APIRouter(route_class=SessionReleasingRoute, tags=["tenants and budgets"])
 Name = Annotated[str, PathParam(max_length=64, description="tenant name")]
 
 
