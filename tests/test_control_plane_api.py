@@ -382,7 +382,7 @@ def test_jobs_get_the_database_url_without_its_password():
     assert job_database_url("sqlite:////var/lib/qpeft/qpeft.db") == "sqlite:////var/lib/qpeft/qpeft.db"
 
 
-def test_burst_beyond_the_pool_and_threads_never_stalls(tmp_path, pg_admin, monkeypatch):
+def test_burst_beyond_the_pool_and_threads_never_stalls(tmp_path, pg_admin, monkeypatch):  # noqa: F811
     """Far more requests at once than pooled connections (2) and threadpool threads (40): each request's
     sync dependency and endpoint run as separate threadpool hops, so a connection kept between hops could
     leave every thread waiting for a connection held by a request that waits for a thread. Every request
@@ -390,7 +390,6 @@ def test_burst_beyond_the_pool_and_threads_never_stalls(tmp_path, pg_admin, monk
     from concurrent.futures import ThreadPoolExecutor
 
     from services.control_plane import db
-
     from tests.test_control_plane_support import _drop_schema, _pg_schema_url
 
     monkeypatch.setattr(db, "PG_POOL", {"pool_size": 2, "max_overflow": 0, "pool_timeout": 10})
