@@ -50,7 +50,7 @@ def job_spec(name: str, steps: int) -> dict:
         "base_model": "tiny-gpt2",
         "dataset": {"train": "wikitext-2", "max_length": 32, "limit": 64},
         "method": "qpa",
-        "method_config": {"r": 4},
+        "method_config": {"r": 4, "n_mlp": 64},  # tiny-gpt2 generates 2,048 numbers: 2048 per state leaves no MLP
         "executor": "exact",
         "max_steps": steps,
         "training": {"batch_size": 4, "lr": 1e-2, "eval_max_batches": 1},
