@@ -123,7 +123,8 @@ def forecast(spec: JobSpec) -> dict:
             "formula": "0 (classical method)",
             "explanation": f"{spec.method} computes its weight update classically and runs no circuits.",
         }
-    from qpeft_core.adapters.qpa.generator import budget_width, plan
+    from qpeft_core.adapters.qpa import QPAConfig
+    from qpeft_core.adapters.qpa.generator import plan, resolve_widths
 
     cfg = spec.method_config
     r, n_mlp, depth = cfg.get("r", 4), cfg.get("n_mlp", 2048), cfg.get("qnn_depth", 8)
@@ -139,13 +140,21 @@ def forecast(spec: JobSpec) -> dict:
             "name Linear layers of the base model, and check that base_model is a transformers checkpoint",
         ) from e
     m = sum(r * (d_in + d_out) for d_in, d_out in dims)
-    if not cfg.get("mapping_widths") and cfg.get("mapping", "default") == "default":
-        try:  # the width QPA will pick: refuse now what the trainer would fail on later
-            budget_width(m, n_mlp, depth, len(dims), cfg.get("param_budget", 0.5))
-        except ValueError as e:
-            raise ApiError(
-                422, str(e), "body.method_config.param_budget", "lower n_mlp or set mapping_widths explicitly"
-            ) from e
+    mapping = cfg.get("mapping", QPAConfig.mapping)
+    try:  # the widths QPA will build: refuse now what the trainer would fail on later
+        resolve_widths(
+            cfg.get("mapping_widths"),
+            mapping,
+            m,
+            n_mlp,
+            depth,
+            len(dims) if mapping == "default" else 0,
+            cfg.get("param_budget", QPAConfig.param_budget),
+        )
+    except ValueError as e:
+        raise ApiError(
+            422, str(e), "body.method_config.param_budget", "lower n_mlp or set mapping_widths explicitly"
+        ) from e
     _, n_qubits = plan(m, n_mlp)
     params = n_qubits * depth
     grad_circuits = {"parameter_shift": 2 * params, "spsa": 2 * _spsa_samples(), "autograd": 0}[gradient]

@@ -34,6 +34,16 @@ def budget_width(m: int, n_mlp: int, layers: int, extra: int, budget: float) -> 
     return w
 
 
+def resolve_widths(widths, mapping: str, m: int, n_mlp: int, layers: int, n_targets: int, budget: float) -> list[int]:
+    """QPAConfig.mapping_widths as built: given ones as they are; None: the reference's seven layers for
+    mapping="reference", else one layer as wide as `budget` allows (next to one gate per target)."""
+    if widths is not None:
+        return list(widths)
+    if mapping == "reference":
+        return list(REFERENCE_WIDTHS)
+    return [budget_width(m, n_mlp, layers, n_targets, budget)]
+
+
 def plan(m: int, n_mlp: int) -> tuple[int, int]:
     """(B basis states, N qubits) to generate m parameters, n_mlp per state."""
     n_states = math.ceil(m / n_mlp)

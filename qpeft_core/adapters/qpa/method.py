@@ -19,7 +19,7 @@ from ...quantum.ansatz import qpa_ansatz
 from ...quantum.backend import Usage
 from ...quantum.gradients import QNN
 from ..model import AdapterMethod
-from .generator import REFERENCE_WIDTHS, QPAGenerator, budget_width
+from .generator import QPAGenerator, resolve_widths
 
 REFERENCE_LAST_LAYER_SCALE = 1e-3  # mapping="reference": start near Delta W = 0 without an extra parameter
 
@@ -30,10 +30,8 @@ class QPAMethod(AdapterMethod):
         r = config.r
         self.m = sum(r * (t.d_in + t.d_out) for t in targets.values())
         gates = len(targets) if config.mapping == "default" else 0
-        self.widths = config.mapping_widths or (
-            REFERENCE_WIDTHS
-            if config.mapping == "reference"
-            else [budget_width(self.m, config.n_mlp, config.qnn_depth, gates, config.param_budget)]
+        self.widths = resolve_widths(
+            config.mapping_widths, config.mapping, self.m, config.n_mlp, config.qnn_depth, gates, config.param_budget
         )
         self.generator = QPAGenerator(
             self.m,
