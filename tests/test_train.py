@@ -283,7 +283,7 @@ def test_lr_scale_errors_name_the_pattern():
     model, _ = _lora_gpt2(targets=("c_attn",))
     with pytest.raises(ValueError, match=r"\['gatee'\] match no trainable parameter"):
         param_groups(model, TrainConfig(lr_scale={"lora_A": 2, "gatee": 10}))
-    with pytest.raises(ValueError, match="not a valid regex"):
+    with pytest.raises(ValueError, match="TrainConfig.lr_scale: 'lora_\\(' is not a valid regular expression"):
         param_groups(model, TrainConfig(lr_scale={"lora_(": 2}))
     with pytest.raises(ValueError, match=r"multiplier must be > 0"):
         param_groups(model, TrainConfig(lr_scale={"lora_A": 0}))

@@ -92,18 +92,28 @@ def lr_factor(cfg: TrainConfig):
     return factor
 
 
+def lr_scale_patterns(lr_scale: dict) -> list[tuple[re.Pattern, float]]:
+    """TrainConfig.lr_scale compiled, in order; ValueError naming a pattern that is not a regex or a
+    multiplier that is not > 0 (the JobSpec checks the same at submit)."""
+    patterns = []
+    for pattern, scale in lr_scale.items():
+        try:
+            patterns.append((re.compile(pattern), float(scale)))
+        except re.error as e:
+            raise ValueError(f"{pattern!r} is not a valid regular expression ({e}); escape it or fix it") from None
+        if not scale > 0:
+            raise ValueError(f"lr_scale[{pattern!r}] = {scale!r}; a multiplier must be > 0")
+    return patterns
+
+
 def param_groups(model, cfg: TrainConfig) -> list[dict]:
     """The model's trainable parameters as AdamW groups, one per distinct cfg.lr_scale multiplier (the
     unscaled group first, so param_groups[0]["lr"] is the logged base rate). LambdaLR scales each group's own
     initial lr, so the schedule keeps the ratios."""
-    patterns = []
-    for pattern, scale in cfg.lr_scale.items():
-        try:
-            patterns.append((re.compile(pattern), float(scale)))
-        except re.error as e:
-            raise ValueError(f"TrainConfig.lr_scale: {pattern!r} is not a valid regex ({e})") from None
-        if not scale > 0:
-            raise ValueError(f"TrainConfig.lr_scale[{pattern!r}] = {scale!r}; a multiplier must be > 0")
+    try:
+        patterns = lr_scale_patterns(cfg.lr_scale)
+    except ValueError as e:
+        raise ValueError(f"TrainConfig.lr_scale: {e}") from None
     groups, used = {1.0: []}, set()
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -160,9 +170,9 @@ def train(
     main = accelerator.is_main_process
     set_seed(cfg.seed)  # overwritten below by the checkpoint's RNG states when resuming
 
-    if not any(p.requires_grad for p in model.parameters()):
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
         raise ValueError("the model has no trainable parameters; wrap it first (get_qpeft_model / make_lora_model)")
-    params = [p for p in model.parameters() if p.requires_grad]  # for clipping
     optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     # The scheduler is not passed to prepare(): Accelerate would step it once per process, and here a step
     # means one optimizer step whatever the number of processes.
