@@ -43,6 +43,7 @@ def main():
     ap.add_argument("--param-budget", type=float, default=0.5, help="QPAConfig.param_budget, when --widths is not set")
     ap.add_argument("--mapping", choices=("default", "reference"), default="default")
     ap.add_argument("--activation", default="gelu")
+    ap.add_argument("--bit-features", choices=("index", "pairs", "triples", "random"), default="index")
     ap.add_argument(
         "--qpa-lr-scale", default="", help="QPA's per-parameter LR multipliers, e.g. gate=10 (TrainConfig.lr_scale)"
     )
@@ -70,6 +71,7 @@ def main():
             layout=args.layout,
             mapping=args.mapping,
             activation=args.activation,
+            bit_features=args.bit_features,
             param_budget=args.param_budget,
             **({"mapping_widths": [int(w) for w in args.widths.split(",")]} if args.widths else {}),
         )

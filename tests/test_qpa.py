@@ -93,6 +93,11 @@ def test_default_width_is_the_widest_within_the_budget():
         n = model.get_nb_trainable_parameters()[0]
         assert n == count(w) <= budget * 204_100 < count(w + 1)
     assert w == 28 and n == 59_701  # budget 0.3
+    cfg = QPAConfig(target_modules=["lm_head"], r=4, n_mlp=2048, qnn_depth=8, bit_features="pairs")
+    model = get_qpeft_model(Head(768, 50257), cfg)
+    (w,) = model.method.widths
+    n = model.get_nb_trainable_parameters()[0]
+    assert n == count(w) + 21 * w <= 0.5 * 204_100 < count(w + 1) + 21 * (w + 1)  # 7 * 6 / 2 pair inputs
     with pytest.raises(ValueError, match="raise param_budget to at least"):
         get_qpeft_model(Head(768, 50257), QPAConfig(target_modules=["lm_head"], param_budget=0.01))
     with pytest.raises(ValueError, match="param_budget"):
@@ -128,6 +133,13 @@ def test_generator_postprocessing_and_bits():
     assert feats[:, :3].tolist() == [[((i >> q) & 1) * 2 - 1 for q in range(3)] for i in range(5)]
     out = gen(p)
     assert out.shape == (100,) and abs(out.mean().item()) < 1e-6
+    pairs = QPAGenerator(m=100, n_mlp=20, layers=1, widths=[8], bit_features="pairs").features(p)
+    assert pairs.shape == (5, 3 + 3 + 1) and torch.equal(pairs[:, :3], feats[:, :3])
+    assert torch.equal(
+        pairs[:, 3:6], torch.stack([feats[:, 0] * feats[:, 1], feats[:, 0] * feats[:, 2], feats[:, 1] * feats[:, 2]], 1)
+    )
+    triples = QPAGenerator(m=100, n_mlp=20, layers=1, widths=[8], bit_features="triples").features(p)
+    assert torch.equal(triples[:, :6], pairs[:, :6]) and torch.equal(triples[:, 6], feats[:, :3].prod(1))
     rand = QPAGenerator(m=100, n_mlp=20, layers=1, widths=[8], bit_features="random")
     assert not torch.equal(rand.features(p)[:, :3], rand.features(p)[:, :3])  # re-drawn each call
 

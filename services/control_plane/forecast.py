@@ -150,6 +150,7 @@ def forecast(spec: JobSpec) -> dict:
             depth,
             len(dims) if mapping == "default" else 0,
             cfg.get("param_budget", QPAConfig.param_budget),
+            cfg.get("bit_features", QPAConfig.bit_features),
         )
     except ValueError as e:
         raise ApiError(

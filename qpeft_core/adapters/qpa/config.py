@@ -10,7 +10,7 @@ from ..config import AdapterConfig
 ACTIVATIONS = ("gelu", "relu", "silu", "tanh", "none")
 CHOICES = {
     "entangler": ("ladder", "ring"),
-    "bit_features": ("index", "random"),
+    "bit_features": ("index", "pairs", "triples", "random"),
     "gradient": ("auto", "autograd", "parameter_shift", "spsa"),
     "quantum_grad": ("per_backward", "per_step"),
     "mapping": ("default", "reference"),
@@ -34,8 +34,11 @@ class QPAConfig(AdapterConfig):
         qpa_wikitext_tune).
     param_budget: for mapping_widths=None (not "reference"): all trainable numbers (angles, MLP, gates) at
         most this fraction of the generated LoRA's m; the paper's QPA uses about half.
-    bit_features: "index" feeds the N bits of each state's index as +-1; "random" re-draws them every call,
-        as the reference code does.
+    bit_features: "index" feeds the N bits of each state's index as +-1; "pairs" adds the products of every
+        two of them (N(N-1)/2 more fixed inputs): the hidden layer then sees N + N(N-1)/2 + 1 inputs instead of
+        N + 1, so its B x w activations, and with them the generated block, are of higher effective rank;
+        "triples" adds the products of every three too;
+        "random" re-draws the bits every call, as the reference code does.
     gamma, beta, alpha: post-processing p~ = (beta tanh(gamma 2^(N-1) p))^alpha - mean.
     executor, executor_options: where circuits run, a spec for qpeft_core.quantum.registry.make_backend.
     gradient, shots: the gradient strategy ("auto": autograd when exact, else parameter-shift); None = exact.

@@ -1,12 +1,14 @@
 """QPA's classical half: post-processing of the QNN's probabilities and the mapping MLP.
 
 Given the probabilities p of all 2^N basis states, basis state i (i < B) contributes the feature row
-[N bits of i as +-1, p~_i]; the MLP turns each row into n_mlp numbers; the B x n_mlp block, flattened,
-truncated to m and mean-subtracted, is the generated parameter vector.
+[N bits of i as +-1 (and, by bit_features, their products of two or three), p~_i]; the MLP turns each
+row into n_mlp numbers; the B x n_mlp block, flattened, truncated to m and mean-subtracted, is the generated
+parameter vector.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -17,16 +19,24 @@ ACTIVATION_MODULES = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh":
 POW_FLOOR = 1e-12
 
 
+# bit_features -> the largest product of bits fed to the MLP ("pairs": each bit and each product of two)
+BIT_ORDER = {"index": 1, "random": 1, "pairs": 2, "triples": 3}
 REFERENCE_WIDTHS = [32, 64, 128, 128, 64, 32, 32]  # the reference code's mapping MLP
 
 
-def budget_width(m: int, n_mlp: int, layers: int, extra: int, budget: float) -> int:
+def n_inputs(n_qubits: int, bit_features: str) -> int:
+    """The MLP's inputs per state: its bit features and p~."""
+    return sum(math.comb(n_qubits, k) for k in range(1, BIT_ORDER[bit_features] + 1)) + 1
+
+
+def budget_width(m: int, n_mlp: int, layers: int, extra: int, budget: float, bit_features: str = "index") -> int:
     """The width of one hidden layer that keeps all trainable numbers (N L angles, the MLP
-    (N + 1) -> w -> n_mlp, `extra` others) within budget * m. ValueError if not even width 1 fits."""
+    inputs -> w -> n_mlp, `extra` others) within budget * m. ValueError if not even width 1 fits."""
     n = plan(m, n_mlp)[1]
-    w = math.floor((budget * m - n * layers - extra - n_mlp) / (n + 2 + n_mlp))
+    k = n_inputs(n, bit_features)
+    w = math.floor((budget * m - n * layers - extra - n_mlp) / (k + 1 + n_mlp))
     if w < 1:
-        need = (n * layers + extra + n_mlp + n + 2 + n_mlp) / m
+        need = (n * layers + extra + n_mlp + k + 1 + n_mlp) / m
         raise ValueError(
             f"QPAConfig.param_budget={budget:g} leaves no room for a mapping MLP ({m} generated numbers, n_mlp "
             f"{n_mlp}): raise param_budget to at least {need:.3g}, lower n_mlp, or set mapping_widths"
@@ -34,14 +44,16 @@ def budget_width(m: int, n_mlp: int, layers: int, extra: int, budget: float) -> 
     return w
 
 
-def resolve_widths(widths, mapping: str, m: int, n_mlp: int, layers: int, n_targets: int, budget: float) -> list[int]:
+def resolve_widths(
+    widths, mapping: str, m: int, n_mlp: int, layers: int, n_targets: int, budget: float, bit_features: str = "index"
+) -> list[int]:
     """QPAConfig.mapping_widths as built: given ones as they are; None: the reference's seven layers for
     mapping="reference", else one layer as wide as `budget` allows (next to one gate per target)."""
     if widths is not None:
         return list(widths)
     if mapping == "reference":
         return list(REFERENCE_WIDTHS)
-    return [budget_width(m, n_mlp, layers, n_targets, budget)]
+    return [budget_width(m, n_mlp, layers, n_targets, budget, bit_features)]
 
 
 def plan(m: int, n_mlp: int) -> tuple[int, int]:
@@ -75,7 +87,7 @@ class QPAGenerator(nn.Module):
         with torch.random.fork_rng(devices=[]):  # seeded init that leaves the caller's RNG alone
             torch.manual_seed(seed)
             self.theta = nn.Parameter(torch.rand(n * layers) * 2 * math.pi)
-            sizes = [n + 1, *widths, n_mlp]
+            sizes = [n_inputs(n, bit_features), *widths, n_mlp]
             mods = []
             for k, (a, b) in enumerate(zip(sizes, sizes[1:], strict=False)):
                 mods.append(nn.Linear(a, b))
@@ -87,6 +99,9 @@ class QPAGenerator(nn.Module):
             self.mlp[-1].bias.mul_(last_layer_scale)
         index = torch.arange(self.n_states)[:, None] >> torch.arange(n)  # qubit q = bit q of the index
         self.register_buffer("bits", (index & 1).float() * 2 - 1, persistent=False)
+        subsets = [c for k in range(2, BIT_ORDER[bit_features] + 1) for c in itertools.combinations(range(n), k)]
+        products = [self.bits[:, list(c)].prod(1) for c in subsets]
+        self.register_buffer("products", torch.stack(products, 1) if products else None, persistent=False)
         self.rng = torch.Generator().manual_seed(seed)  # for bit_features="random"
 
     def features(self, probs: torch.Tensor) -> torch.Tensor:
@@ -96,6 +111,8 @@ class QPAGenerator(nn.Module):
         x = (x - x.mean())[: self.n_states]
         if self.bit_features == "random":
             bits = torch.randint(0, 2, self.bits.shape, generator=self.rng).to(x) * 2 - 1
+        elif self.products is not None:
+            bits = torch.cat([self.bits, self.products], 1).to(x)
         else:
             bits = self.bits.to(x)
         return torch.cat([bits, x[:, None]], 1)

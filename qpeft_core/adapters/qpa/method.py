@@ -31,7 +31,14 @@ class QPAMethod(AdapterMethod):
         self.m = sum(r * (t.d_in + t.d_out) for t in targets.values())
         gates = len(targets) if config.mapping == "default" else 0
         self.widths = resolve_widths(
-            config.mapping_widths, config.mapping, self.m, config.n_mlp, config.qnn_depth, gates, config.param_budget
+            config.mapping_widths,
+            config.mapping,
+            self.m,
+            config.n_mlp,
+            config.qnn_depth,
+            gates,
+            config.param_budget,
+            config.bit_features,
         )
         self.generator = QPAGenerator(
             self.m,
