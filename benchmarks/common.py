@@ -190,6 +190,10 @@ def environment(device: str) -> dict:
     }
 
 
+# the columns lm_compare's rows share, after each benchmark's own
+LM_COLUMNS = ["lr", "ppl_before", "ppl_after", "ppl_ref_before", "ppl_ref_after", "train_s", "s_per_step"]
+
+
 def result_name(base: str, args, ap: argparse.ArgumentParser, keys: tuple[str, ...]) -> str:
     """base, plus the options in `keys` that differ from their defaults, so variant runs keep their own file:
     qpa_wikitext.json, qpa_wikitext_targets-lm_head_steps-160.json, ..."""

@@ -102,18 +102,7 @@ def main():
         row["pct_of_lora"] = 100 * row["trainable"] / lo["trainable"]
     ratio = qp["trainable"] / lo["trainable"]
     rel = (qp["ppl_after"] - lo["ppl_after"]) / lo["ppl_after"]
-    cols = [
-        "method",
-        "trainable",
-        "pct_of_lora",
-        "lr",
-        "ppl_before",
-        "ppl_after",
-        "ppl_ref_before",
-        "ppl_ref_after",
-        "train_s",
-        "s_per_step",
-    ]
+    cols = ["method", "trainable", "pct_of_lora", *common.LM_COLUMNS]
     tab = table(res["rows"], cols)
     print(tab)
     met = ratio <= 0.55 and rel <= 0.02
@@ -126,7 +115,18 @@ def main():
             "qpa_wikitext",
             args,
             ap,
-            ("targets", "steps", "seed", "qpa_r", "n_mlp", "layout", "widths", "param_budget", "mapping"),
+            (
+                "targets",
+                "steps",
+                "seed",
+                "qpa_r",
+                "n_mlp",
+                "layout",
+                "widths",
+                "param_budget",
+                "mapping",
+                "bit_features",
+            ),
         ),
         {
             "args": vars(args),
@@ -147,7 +147,7 @@ def main():
 SmolLM2-135M-Instruct, targets {args.targets}, LoRA rank {args.r}, alpha {2 * args.r}; QPA: generated rank {qpa_r},
 alpha {2 * qpa_r}, n_mlp {args.n_mlp},
 {qpa_info["states"]} basis states on {qpa_info["qubits"]} qubits, depth {args.qnn_depth}, mapping {qpa_info["mapping"]}
-({qpa_info["activation"]}, widths {qpa_info["widths"]}), layout {qpa_info["layout"]};
+({qpa_info["activation"]}, widths {qpa_info["widths"]}), bit features {args.bit_features}, layout {qpa_info["layout"]};
 {args.steps} steps x {args.batch_size} x {args.block} tokens of WikiText-2 valid.txt; perplexity on the first
 {res["eval_tokens"]} target tokens of test.txt (packed blocks; standard, padding excluded). ppl_ref: the QPA
 reference convention (one line per example padded to {args.block}, padding in the loss) on the same text; here it

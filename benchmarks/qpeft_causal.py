@@ -64,18 +64,7 @@ def main():
     lo, qp = res["rows"]
     for row in res["rows"]:
         row["fewer_x"] = lo["trainable"] / row["trainable"]
-    cols = [
-        "method",
-        "trainable",
-        "fewer_x",
-        "lr",
-        "ppl_before",
-        "ppl_after",
-        "ppl_ref_before",
-        "ppl_ref_after",
-        "train_s",
-        "s_per_step",
-    ]
+    cols = ["method", "trainable", "fewer_x", *common.LM_COLUMNS]
     tab = table(res["rows"], cols)
     print(tab)
     summary = (
