@@ -123,13 +123,12 @@ def forecast(spec: JobSpec) -> dict:
             "formula": "0 (classical method)",
             "explanation": f"{spec.method} computes its weight update classically and runs no circuits.",
         }
-    from qpeft_core.adapters.qpa import QPAConfig
     from qpeft_core.adapters.qpa.generator import plan, resolve_widths
 
-    cfg = spec.method_config
-    r, n_mlp, depth = cfg.get("r", 4), cfg.get("n_mlp", 2048), cfg.get("qnn_depth", 8)
-    entangler, qgrad = cfg.get("entangler", "ladder"), cfg.get("quantum_grad", "per_backward")
-    targets = cfg["target_modules"]
+    cfg = spec.adapter_config()  # the QPAConfig the trainer will build, defaults included
+    r, n_mlp, depth = cfg.r, cfg.n_mlp, cfg.qnn_depth
+    entangler, qgrad = cfg.entangler, cfg.quantum_grad
+    targets = cfg.target_modules
     try:
         dims = _target_dims(spec.base_model, spec.task, spec.dataset.num_labels, json.dumps(targets))
     except Exception as e:  # a user-given checkpoint can fail to load in many ways: all of them are 422s
@@ -140,18 +139,8 @@ def forecast(spec: JobSpec) -> dict:
             "name Linear layers of the base model, and check that base_model is a transformers checkpoint",
         ) from e
     m = sum(r * (d_in + d_out) for d_in, d_out in dims)
-    mapping = cfg.get("mapping", QPAConfig.mapping)
     try:  # the widths QPA will build: refuse now what the trainer would fail on later
-        resolve_widths(
-            cfg.get("mapping_widths"),
-            mapping,
-            m,
-            n_mlp,
-            depth,
-            len(dims) if mapping == "default" else 0,
-            cfg.get("param_budget", QPAConfig.param_budget),
-            cfg.get("bit_features", QPAConfig.bit_features),
-        )
+        resolve_widths(cfg, m, len(dims))
     except ValueError as e:
         raise ApiError(
             422, str(e), "body.method_config.param_budget", "lower n_mlp or set mapping_widths explicitly"

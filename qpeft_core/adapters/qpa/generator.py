@@ -44,16 +44,20 @@ def budget_width(m: int, n_mlp: int, layers: int, extra: int, budget: float, bit
     return w
 
 
-def resolve_widths(
-    widths, mapping: str, m: int, n_mlp: int, layers: int, n_targets: int, budget: float, bit_features: str = "index"
-) -> list[int]:
+def n_gates(config, n_targets: int) -> int:
+    """mapping="default" has one learnable gate per target on B; the reference has none."""
+    return n_targets if config.mapping == "default" else 0
+
+
+def resolve_widths(config, m: int, n_targets: int) -> list[int]:
     """QPAConfig.mapping_widths as built: given ones as they are; None: the reference's seven layers for
-    mapping="reference", else one layer as wide as `budget` allows (next to one gate per target)."""
-    if widths is not None:
-        return list(widths)
-    if mapping == "reference":
+    mapping="reference", else one layer as wide as param_budget allows (next to the gates)."""
+    if config.mapping_widths is not None:
+        return list(config.mapping_widths)
+    if config.mapping == "reference":
         return list(REFERENCE_WIDTHS)
-    return [budget_width(m, n_mlp, layers, n_targets, budget, bit_features)]
+    extra = n_gates(config, n_targets)
+    return [budget_width(m, config.n_mlp, config.qnn_depth, extra, config.param_budget, config.bit_features)]
 
 
 def plan(m: int, n_mlp: int) -> tuple[int, int]:

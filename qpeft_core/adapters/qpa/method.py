@@ -19,7 +19,7 @@ from ...quantum.ansatz import qpa_ansatz
 from ...quantum.backend import Usage
 from ...quantum.gradients import QNN
 from ..model import AdapterMethod
-from .generator import QPAGenerator, resolve_widths
+from .generator import QPAGenerator, n_gates, resolve_widths
 
 REFERENCE_LAST_LAYER_SCALE = 1e-3  # mapping="reference": start near Delta W = 0 without an extra parameter
 
@@ -29,17 +29,8 @@ class QPAMethod(AdapterMethod):
         super().__init__(config, targets)
         r = config.r
         self.m = sum(r * (t.d_in + t.d_out) for t in targets.values())
-        gates = len(targets) if config.mapping == "default" else 0
-        self.widths = resolve_widths(
-            config.mapping_widths,
-            config.mapping,
-            self.m,
-            config.n_mlp,
-            config.qnn_depth,
-            gates,
-            config.param_budget,
-            config.bit_features,
-        )
+        gates = n_gates(config, len(targets))
+        self.widths = resolve_widths(config, self.m, len(targets))
         self.generator = QPAGenerator(
             self.m,
             config.n_mlp,
