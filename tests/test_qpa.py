@@ -195,6 +195,17 @@ def test_rows_layout_places_whole_rows_longest_first():
         assert torch.equal(model.eval()(input_ids=IDS).logits, base)
 
 
+@pytest.mark.parametrize("layout", ["target", "rows"])
+def test_unflatten_places_every_generated_number_once(layout):
+    # benchmarks/qpa_capacity.py maps trained LoRA factors into QPA's block with unflatten(arange(m))
+    m = get_qpeft_model(llama(), small(["q_proj", "v_proj", "lm_head"], layout=layout, n_mlp=32)).method
+    index = m.unflatten(torch.arange(m.m))
+    for name, t in m.targets.items():
+        assert index[name][0].shape == (2, t.d_in) and index[name][1].shape == (t.d_out, 2)
+    placed = torch.cat([x.flatten() for pair in index.values() for x in pair])
+    assert torch.equal(placed.sort().values, torch.arange(m.m))
+
+
 # --- training ----------------------------------------------------------------------------------------
 
 

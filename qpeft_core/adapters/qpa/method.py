@@ -134,19 +134,26 @@ class QPAMethod(AdapterMethod):
 
     # --- the contract ------------------------------------------------------------------------------
     def factors(self):
-        flat = self.generator(self.quantum_probs())
+        raw = self.unflatten(self.generator(self.quantum_probs()))
+        out = {}
+        for k, (name, (a, b)) in enumerate(raw.items()):
+            out[name] = (a, b * (self.scaling if self.gate is None else self.scaling * self.gate[k]))
+        return out
+
+    def unflatten(self, flat: torch.Tensor) -> dict:
+        """The layout: each target's (A [r, d_in], B [d_out, r]) cut out of the flat [m] vector, unscaled.
+        unflatten(torch.arange(m)) maps factor entries to generated positions (benchmarks/qpa_capacity.py)."""
         out, i, r = {}, 0, self.config.r
-        rows = self.rows
-        for k, t in enumerate(self.targets.values()):
-            if rows is not None:
-                a = torch.stack([flat[s : s + t.d_in] for s in rows[t.name][0]])
-                b = torch.stack([flat[s : s + t.d_out] for s in rows[t.name][1]]).T
+        for t in self.targets.values():
+            if self.rows is not None:
+                a = torch.stack([flat[s : s + t.d_in] for s in self.rows[t.name][0]])
+                b = torch.stack([flat[s : s + t.d_out] for s in self.rows[t.name][1]]).T
             else:
                 a = flat[i : i + r * t.d_in].view(r, t.d_in)
                 i += r * t.d_in
                 b = flat[i : i + t.d_out * r].view(t.d_out, r)
                 i += t.d_out * r
-            out[t.name] = (a, b * (self.scaling if self.gate is None else self.scaling * self.gate[k]))
+            out[t.name] = (a, b)
         return out
 
     def _row_offsets(self) -> dict:
