@@ -23,7 +23,9 @@ import common
 import torch
 from common import append_results, command_line, lm_args, load_avg, save_json, table
 
-from qpeft_core import QPAConfig, get_qpeft_model
+from qpeft_core import QPAConfig
+from qpeft_core.adapters.layers import find_targets
+from qpeft_core.adapters.qpa import QPAMethod
 from qpeft_core.adapters.qpa.generator import resolve_widths
 from qpeft_core.train import evaluate, load_model, make_lora_model
 
@@ -58,15 +60,16 @@ def main():
     data = common.wikitext(tok, args.data, args.steps * args.batch_size, args.eval_tokens, args.block)
     before = evaluate(base, data["test"], 4, max_tokens=args.eval_tokens)["ppl"]
 
-    # QPA's layout and its budgets' widths, from a QPA built on the same model (its layout is QPAMethod.unflatten)
+    # QPA's layout (QPAMethod.unflatten) and its budgets' widths, from a QPA method over the model's targets;
+    # find_targets leaves the model as it is, for LoRA below
     cfg = QPAConfig(target_modules=targets, r=args.r, n_mlp=args.n_mlp, qnn_depth=args.qnn_depth, layout=args.layout)
-    method = get_qpeft_model(load_model(args.model, device=args.device)[0], cfg).method
+    method = QPAMethod(cfg, find_targets(base, targets))
     m, n_targets = method.m, len(method.targets)
     index = method.unflatten(torch.arange(m))
-    budget_rank = {}
+    budget_width = {}
     for budget in (float(b) for b in args.budgets.split(",") if b):
         c = dataclasses.replace(cfg, param_budget=budget, bit_features=args.bit_features)
-        budget_rank[budget] = resolve_widths(c, m, n_targets)[-1] + 1
+        budget_width[budget] = resolve_widths(c, m, n_targets)[-1]
     del method
 
     model = make_lora_model(base, targets, r=args.r, alpha=2 * args.r, seed=args.seed)
@@ -83,10 +86,8 @@ def main():
     lora_ppl = evaluate(model, data["test"], 4, max_tokens=args.eval_tokens)["ppl"]
     print(f"LoRA r={args.r}: ppl {before:.3f} -> {lora_ppl:.3f} ({run['train_s']:.0f} s)", flush=True)
 
-    modules = {}
-    for name in index:
-        (mod,) = [mod for path, mod in model.named_modules() if path.endswith("model." + name)]
-        modules[name] = mod
+    named = dict(model.named_modules())
+    modules = {name: named["base_model.model." + name] for name in index}  # where peft keeps the wrapped model
     trained = {
         n: (mod.lora_A["default"].weight.data.clone(), mod.lora_B["default"].weight.data.clone())
         for n, mod in modules.items()
@@ -97,12 +98,13 @@ def main():
     u, s, v = torch.linalg.svd(block.double(), full_matrices=False)
     energy = (s**2).cumsum(0) / (s**2).sum()
 
+    full = len(s)
+    budget_rank = {b: min(w + 1, full) for b, w in budget_width.items()}  # the block's rank is at most w + 1
     # full rank reproduces LoRA: the check that the layout round trip is exact
-    ranks = sorted({int(k) for k in args.ranks.split(",") if k} | set(budget_rank.values()) | {len(s)})
+    ranks = sorted({min(int(k), full) for k in args.ranks.split(",") if k} | set(budget_rank.values()) | {full})
     rows = []
     for k in ranks:
-        k_eff = min(k, len(s))
-        flat = ((u[:, :k_eff] * s[:k_eff]) @ v[:k_eff]).float().flatten()
+        flat = ((u[:, :k] * s[:k]) @ v[:k]).float().flatten()
         for name, mod in modules.items():
             ia, ib = index[name]
             mod.lora_A["default"].weight.data.copy_(flat[ia] / balance[name])
@@ -111,20 +113,20 @@ def main():
         budgets = ", ".join(f"{b:g}" for b, r in budget_rank.items() if r == k)
         rows.append(
             {
-                "rank": k_eff,
+                "rank": k,
                 "of_rows": block.shape[0],
                 "budget": budgets,
-                "energy": float(energy[k_eff - 1]),
+                "energy": float(energy[k - 1]),
                 "ppl": ppl,
                 "vs_lora_pct": 100 * (ppl - lora_ppl) / lora_ppl,
             }
         )
-        print(f"rank {k_eff}: ppl {ppl:.3f} ({rows[-1]['vs_lora_pct']:+.2f}% vs LoRA)", flush=True)
-        if k_eff == len(s) and not math.isclose(ppl, lora_ppl, rel_tol=1e-4):
+        print(f"rank {k}: ppl {ppl:.3f} ({rows[-1]['vs_lora_pct']:+.2f}% vs LoRA)", flush=True)
+        if k == full and not math.isclose(ppl, lora_ppl, rel_tol=1e-4):
             raise RuntimeError(f"the full-rank block gives ppl {ppl} != LoRA's {lora_ppl}: the layout map is wrong")
     tab = table(rows, ["rank", "of_rows", "budget", "energy", "ppl", "vs_lora_pct"])
     print(tab)
-    at = {b: next(row for row in rows if row["rank"] == min(r, len(s))) for b, r in budget_rank.items()}
+    at = {b: next(row for row in rows if row["rank"] == r) for b, r in budget_rank.items()}
     summary = f"qpa_capacity lora_ppl={lora_ppl:.3f} " + " ".join(
         f"rank_at_{b:g}={row['rank']} ppl_at_{b:g}={row['ppl']:.3f} rel_at_{b:g}={row['vs_lora_pct'] / 100:+.4f}"
         for b, row in at.items()
