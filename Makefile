@@ -22,7 +22,6 @@ $(STAMP): pyproject.toml $(LOCK) requirements/no-deps.txt
 	$(PIP) install -q -c $(LOCK) setuptools wheel
 	$(PIP) install -q $(TORCH_PIP) -c $(LOCK) --no-build-isolation -e '.[dev,models]'
 	$(PIP) install -q --no-deps -r requirements/no-deps.txt
-	$(PIP) check
 	rm -f $(VENV)/.installed-* && touch $(STAMP)
 
 # Re-resolve the lock from pyproject.toml and requirements/pins.in: after a dependency changes, keeping every
