@@ -76,9 +76,9 @@ def default_data_dir() -> Path:
 def finetune(model_name, data_dir, steps, device, out_dir):
     """QPA then Quantum-PEFT on the same base model and data; returns a summary dict."""
     import transformers
-    from peft import PeftModel
 
     from qpeft_core import QPAConfig, QuantumPEFTConfig, get_qpeft_model
+    from qpeft_core.adapters.io import load_peft_lora
     from qpeft_core.train import TrainConfig, evaluate, lm_blocks, load_model, make_lora_model, read_texts, train
 
     transformers.utils.logging.disable_progress_bar()  # the weight-loading bars drown the demo's output
@@ -108,7 +108,7 @@ def finetune(model_name, data_dir, steps, device, out_dir):
 
     # Inference from the exported adapter with plain transformers + peft: no qpeft, no quantum executor.
     fresh, _ = load_model(model_name, device=device)
-    plain = PeftModel.from_pretrained(fresh, str(lora_dir)).eval()
+    plain = load_peft_lora(fresh, lora_dir).eval()
     prompt = tok("The history of the city", return_tensors="pt").to(device)
     with torch.no_grad():
         ids = plain.generate(**prompt, max_new_tokens=24, do_sample=False, pad_token_id=tok.pad_token_id)

@@ -91,9 +91,9 @@ def run_service_demo(model: str, data_dir, device: str = "cpu", steps: int = 10,
     import torch
     import transformers
     import uvicorn
-    from peft import PeftModel
     from rich.console import Console
 
+    from qpeft_core.adapters.io import load_peft_lora
     from qpeft_core.train import load_model
     from services.control_plane import db
     from services.control_plane.app import create_app
@@ -190,7 +190,7 @@ def run_service_demo(model: str, data_dir, device: str = "cpu", steps: int = 10,
         # Inference with plain transformers + peft, on a fresh base model: no service, no quantum software.
         transformers.utils.logging.disable_progress_bar()
         fresh, tok = load_model(model, device=device)
-        plain = PeftModel.from_pretrained(fresh, str(lora_dir)).eval()
+        plain = load_peft_lora(fresh, lora_dir).eval()
         prompt = tok("The history of the city", return_tensors="pt").to(device)
         with torch.no_grad():
             ids = plain.generate(**prompt, max_new_tokens=24, do_sample=False, pad_token_id=tok.pad_token_id)

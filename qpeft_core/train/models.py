@@ -240,17 +240,22 @@ def make_lora_model(model, target_modules, r=8, alpha=16, dropout=0.0, task: str
     with `seed` without touching the caller's RNG (seed=None: from the global RNG, as peft does)."""
     import peft
 
+    from qpeft_core.adapters.io import peft_calls
+    from qpeft_core.adapters.layers import find_modules, is_conv1d
+
     if task is None:
         task = "seq_cls" if "ForSequenceClassification" in type(model).__name__ else "causal_lm"
+    # GPT-2's Conv1D stores its weight transposed; peft needs to be told (it warns and guesses otherwise)
+    conv1d = any(is_conv1d(model.get_submodule(n)) for n in find_modules(model, list(target_modules), "target_modules"))
     config = peft.LoraConfig(
         r=r,
         lora_alpha=alpha,
         lora_dropout=dropout,
         target_modules=list(target_modules),
+        fan_in_fan_out=conv1d,
         task_type={"causal_lm": "CAUSAL_LM", "seq_cls": "SEQ_CLS"}[task],
     )
-    if seed is None:
-        return peft.get_peft_model(model, config)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with peft_calls(), torch.random.fork_rng(devices=[], enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
         return peft.get_peft_model(model, config)
