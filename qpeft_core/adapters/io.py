@@ -190,11 +190,17 @@ def export_lora(model: QPEFTModel, directory) -> None:
 
 @contextlib.contextmanager
 def peft_calls():
-    """Around peft's constructors only: peft 0.21.2's PeftModel.__init__ reads `model.is_gradient_checkpointing`,
-    a property transformers 5.x deprecates with a FutureWarning on every access. Nothing we pass avoids it, so
-    that one message is ignored here and nowhere else; drop this once peft reads `is_activation_checkpointing`."""
+    """Around peft's constructors only, three of peft 0.21.2's warnings that no argument of ours avoids:
+    - PeftModel.__init__ reads `model.is_gradient_checkpointing`, a property transformers 5.x deprecates with a
+      FutureWarning on every access (drop this filter once peft reads `is_activation_checkpointing`);
+    - LoraConfig has one `fan_in_fan_out` for all targets; peft sets it per module from the module's type and
+      warns where they differ, which a target set of GPT-2 Conv1D and nn.Linear layers always does;
+    - an adapter on a tied lm_head: ours is an untied update of the head alone (as QPA's merge unties it), and
+      peft's `ensure_weight_tying` would put it on the input embeddings as well, so the advice does not apply."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        warnings.filterwarnings("ignore", message="fan_in_fan_out is set to", category=UserWarning)
+        warnings.filterwarnings("ignore", message="Model has `tie_word_embeddings=True`", category=UserWarning)
         yield
 
 
