@@ -271,14 +271,6 @@ def tenant_budget(
     out.print(f"{name}: {_fmt(b['shots']['limit'])} shots, {_fmt(b['qpu_seconds']['limit'])} QPU s")
 
 
-def main() -> None:
-    app()
-
-
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 @app.command()
 def demo(
     quick: bool = typer.Option(False, help="fewer steps"),
@@ -289,3 +281,11 @@ def demo(
     from qpeft_core import demo as demo_module
 
     demo_module.main((["--quick"] if quick else []) + (["--device", device] if device else []))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
