@@ -131,6 +131,20 @@ def test_ibm_backends_only_those_listed(env_any_db, monkeypatch):
     assert err["field"] == "body.executor" and "passwd" not in err["message"]
 
 
+def test_ibm_backends_named_by_the_operator(tmp_path, sqlite_url):  # noqa: F811
+    """QPEFT_IBM_BACKENDS: the quantum workers hold the IBM account, the API only the device names."""
+    from services.control_plane.settings import Settings
+
+    assert Settings.from_env(data_dir=tmp_path).ibm_backends == []
+    settings = make_settings(tmp_path / "data", sqlite_url, ibm_backends=["ibm_torino", "ibm_fez"])
+    with TestClient(create_app(settings, ray=FakeRay(), reconcile=False)) as c:
+        a = new_tenant(c, "acme")
+        ok = {**SPEC, "executor": "ibm:ibm_fez", "max_steps": 1}
+        assert c.post("/v1/jobs", json=ok, headers=a).status_code == 201
+        err = first_error(c.post("/v1/jobs", json={**ok, "executor": "ibm:ibm_kyiv"}, headers=a))
+        assert err["field"] == "body.executor" and err["fix"] == "use one of ibm:ibm_fez, ibm:ibm_torino"
+
+
 def test_valid_specs_still_pass(env_any_db):
     _, c, _ = env_any_db
     a = new_tenant(c, "acme")

@@ -86,19 +86,20 @@ def check_cluster(capacity: ClusterCapacity, spec: JobSpec) -> None:
         )
 
 
-def check_executor(spec: JobSpec, listed: list[dict]) -> None:
-    """IBM devices only when this server lists them (an IBM account configured, GET /v1/backends)."""
+def check_executor(spec: JobSpec, listed: list[dict], declared: list[str]) -> None:
+    """IBM devices only when this server knows them: listed by its IBM account (GET /v1/backends), or named
+    by the operator in QPEFT_IBM_BACKENDS when only the quantum workers hold the account."""
     if spec.executor.partition(":")[0] != "ibm":
         return
-    if spec.executor not in {b["spec"] for b in listed}:
-        ibm = sorted(b["spec"] for b in listed if b["kind"] == "ibm")
+    known = sorted({b["spec"] for b in listed if b["kind"] == "ibm"} | {f"ibm:{name}" for name in declared})
+    if spec.executor not in known:
         raise ApiError(
             422,
-            "this IBM backend is not among the devices of the IBM account configured on this server"
-            if ibm
+            "this IBM backend is not among the IBM devices configured on this server"
+            if known
             else "no IBM account is configured on this server, so no ibm: executor can run here",
             "body.executor",
-            f"use one of {', '.join(ibm)}" if ibm else "use a simulator or fake device listed by GET /v1/backends",
+            f"use one of {', '.join(known)}" if known else "use a simulator or fake device listed by GET /v1/backends",
         )
 
 
@@ -120,6 +121,6 @@ def check_model(spec: JobSpec) -> None:
 def check_fits(request, spec: JobSpec) -> None:
     from .routers.backends import listing
 
-    check_executor(spec, listing())
+    check_executor(spec, listing(), request.app.state.settings.ibm_backends)
     check_model(spec)
     check_cluster(request.app.state.capacity, spec)

@@ -41,6 +41,8 @@ class Settings(BaseModel):
     # ceiling of an autoscaling cluster, whose nodes may not be up yet
     cluster_cpus: int | None = Field(None, ge=0)
     cluster_gpus: int | None = Field(None, ge=0)
+    # IBM devices jobs may name when the API holds no IBM account (only the quantum workers do)
+    ibm_backends: list[str] = Field(default_factory=list)
 
     @property
     def embedded(self) -> bool:
@@ -91,6 +93,9 @@ class Settings(BaseModel):
             "max_body_bytes": env.get("QPEFT_MAX_BODY_BYTES"),
             "cluster_cpus": env.get("QPEFT_CLUSTER_CPUS"),
             "cluster_gpus": env.get("QPEFT_CLUSTER_GPUS"),
+            "ibm_backends": env["QPEFT_IBM_BACKENDS"].replace(",", " ").split()
+            if env.get("QPEFT_IBM_BACKENDS")
+            else None,
         }
         values = {k: v for k, v in values.items() if v is not None}
         values.update(overrides)
