@@ -125,7 +125,7 @@ def test_ibm_backends_only_those_listed(env_any_db, monkeypatch):
     ok = {**SPEC, "executor": "ibm:ibm_torino", "max_steps": 1}
     assert c.post("/v1/estimate", json=ok, headers=a).status_code == 200
     err = first_error(c.post("/v1/jobs", json={**ok, "executor": "ibm:ibm_kyiv"}, headers=a))
-    assert err["field"] == "body.executor" and "not among the devices" in err["message"]
+    assert err["field"] == "body.executor" and "not among the IBM devices" in err["message"]
     assert err["fix"] == "use one of ibm:ibm_torino"
     err = first_error(c.post("/v1/jobs", json={**ok, "executor": "ibm:../../etc/passwd"}, headers=a))
     assert err["field"] == "body.executor" and "passwd" not in err["message"]
