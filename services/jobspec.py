@@ -3,7 +3,9 @@
 The control plane validates a spec when it is submitted (or estimated) and writes it as JSON; the trainer
 (`python -m services.trainer --spec <path>`) reads the same file with `JobSpec.load(path)`. Errors are
 pydantic errors whose location names the field (`method_config.r`, `dataset.train`, ...) and whose
-message says how to fix it.
+message says how to fix it. Types are strict: an integer or boolean field takes only a JSON integer or
+boolean (`"100"`, `true` or `2.0` for an int are refused), a number field a JSON number; method_config's
+fields are checked the same way against the method's dataclass, and r and n_mlp have caps (CAPS).
 
 Methods and their config (`method_config`, checked against the method's config dataclass):
 - "qpa": qpeft_core.adapters.QPAConfig fields, except executor / shots / gradient, which are top-level here;

@@ -222,3 +222,12 @@ def test_operator_only_surfaces(env_any_db):
         assert full.status_code == 200 and 'qpeft_jobs{state="QUEUED",tenant="acme"} 1.0' in full.text, creds
     assert first_error(c.get("/metrics", headers=a), 403)["field"] == "header.X-API-Key"
     assert c.get("/metrics", headers={"Authorization": "Bearer wrong"}).status_code == 401
+
+
+def test_yaml_specs_keep_their_numbers(tmp_path):
+    """YAML 1.1 reads 1e-3 as a string, which the strict API refuses: the CLI reads it as the number."""
+    from services.cli import load_spec
+
+    path = tmp_path / "job.yaml"
+    path.write_text("name: 1e5 steps\nmax_steps: 10\ntraining:\n  lr: 1e-3\n  weight_decay: 2.5E+1\n")
+    assert load_spec(path) == {"name": "1e5 steps", "max_steps": 10, "training": {"lr": 0.001, "weight_decay": 25.0}}
