@@ -92,13 +92,16 @@ def test_gpu_workers_fit_a_gpu_cluster(env_any_db):
     _, c, ray = env_any_db
     a = new_tenant(c, "acme")
     ray.capacity["GPU"] = 2.0
-    c.app.state.capacity._at = -1e9  # past the TTL: read again
+    c.app.state.capacity._until = 0.0  # past the TTL: read again
     two = {**SPEC, "scaling": {"num_workers": 2, "use_gpu": True}}
     assert c.post("/v1/estimate", json=two, headers=a).status_code == 200
     err = first_error(c.post("/v1/estimate", json={**SPEC, "scaling": {"num_workers": 3, "use_gpu": True}}, headers=a))
     assert err["field"] == "body.scaling.num_workers" and "2 GPU(s)" in err["message"]
+    ray.capacity = {"qpu": 2.0}  # a 0-CPU head whose workers have not joined yet: not known, no refusal
+    c.app.state.capacity._until = 0.0
+    assert c.post("/v1/estimate", json={**SPEC, "scaling": {"num_workers": 200}}, headers=a).status_code == 200
     ray.up = False  # Ray does not answer: no check, the job waits in the queue as before
-    c.app.state.capacity._at = -1e9
+    c.app.state.capacity._until = 0.0
     assert c.post("/v1/jobs", json={**SPEC, "scaling": {"num_workers": 200}}, headers=a).status_code == 201
 
 

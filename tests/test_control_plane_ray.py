@@ -81,6 +81,8 @@ def test_jobs_must_fit_the_ray_cluster(tmp_path, sqlite_url, ray_jobs_url):  # n
     with TestClient(ray_app(tmp_path, sqlite_url, ray_jobs_url)) as c:
         key = new_tenant(c, "acme")
         wait_for(lambda: c.app.state.reconciler.ray is not None, timeout=30, what="the reconciler's Ray client")
+        assert c.app.state.capacity.get() is None or c.app.state.capacity.get()["CPU"] == 2
+        wait_for(lambda: c.app.state.capacity.get() is not None, timeout=30, what="the head's CPUs in Ray's state API")
         gpu = c.post("/v1/jobs", json={**SPEC, "scaling": {"num_workers": 256, "use_gpu": True}}, headers=key)
         assert gpu.status_code == 422, gpu.text
         err = gpu.json()["errors"][0]

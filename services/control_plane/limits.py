@@ -15,17 +15,18 @@ from .forecast import target_dims
 
 log = logging.getLogger(__name__)
 CAPACITY_TTL_S = 30.0  # cluster resources change when nodes join or leave; one read per TTL, not per request
+UNKNOWN_TTL_S = 2.0  # no answer, or no CPU yet (a starting head, workers not joined): ask again soon
 
 
 class ClusterCapacity:
     """The CPUs and GPUs jobs may ask for: the settings' ceilings (an autoscaling cluster), else what the
     Ray cluster's alive nodes have, read through the reconciler's job client at most every TTL. None when
-    Ray does not answer: the job then waits in the queue as before."""
+    Ray does not answer or lists no CPU yet: the job then waits in the queue as before."""
 
     def __init__(self, state):
         self.state = state
         self._lock = threading.Lock()
-        self._at, self._value = -CAPACITY_TTL_S, None
+        self._until, self._value = 0.0, None
 
     def get(self) -> dict[str, float] | None:
         s = self.state.settings
@@ -35,8 +36,9 @@ class ClusterCapacity:
         if ray is None:  # not connected yet (the reconciler starts or finds the head)
             return None
         with self._lock:
-            if time.monotonic() - self._at > CAPACITY_TTL_S:
-                self._value, self._at = self._read(ray), time.monotonic()
+            if time.monotonic() >= self._until:
+                self._value = self._read(ray)
+                self._until = time.monotonic() + (UNKNOWN_TTL_S if self._value is None else CAPACITY_TTL_S)
             value = dict(self._value) if self._value is not None else None
         if value is not None:
             if s.cluster_cpus is not None:
@@ -48,10 +50,13 @@ class ClusterCapacity:
     @staticmethod
     def _read(ray) -> dict[str, float] | None:
         try:
-            return ray.resources()
+            total = ray.resources()
         except Exception as e:  # Ray down or starting: no check now rather than a failed submit
             log.info("could not read the Ray cluster's resources (%s)", type(e).__name__)
             return None
+        # Right after start the head may not list its resources yet, and a head with 0 CPUs has no CPU until
+        # the worker nodes join: a count of 0 then means "not known yet", never "refuse every job".
+        return total if total.get("CPU", 0) > 0 else None
 
 
 def check_cluster(capacity: ClusterCapacity, spec: JobSpec) -> None:
