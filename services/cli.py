@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -81,7 +82,13 @@ def load_spec(path: Path) -> dict:
     if path.suffix in (".yaml", ".yml"):
         import yaml
 
-        return yaml.safe_load(text)
+        class SpecLoader(yaml.SafeLoader):
+            """YAML 1.1 reads 1e-3 (no dot) as a string, which the API's strict types refuse: read it as the
+            number it means, as YAML 1.2 does."""
+
+        exponent = re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$")
+        SpecLoader.add_implicit_resolver("tag:yaml.org,2002:float", exponent, list("-+0123456789."))
+        return yaml.load(text, Loader=SpecLoader)  # noqa: S506  (a SafeLoader)
     return json.loads(text)
 
 

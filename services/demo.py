@@ -171,7 +171,7 @@ def run_service_demo(model: str, data_dir, device: str = "cpu", steps: int = 10,
                     f"forecast {job['shots']['forecast'] or 0:,} shots; {url}/dashboard/"
                 )
                 job = _follow(c, job, console)
-                console.print(f"{job['state']}: {job['reason'] or ''} (Ray job: {job['links'].get('ray', '-')})")
+                console.print(f"{job['state']}: {job['reason'] or ''} (Ray job qpeft-{job['id']}, for the operator)")
                 _report(c, job, console, summary)
                 jobs.append(job)
             b = c.get("/v1/budget").raise_for_status().json()["shots"]

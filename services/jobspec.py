@@ -3,7 +3,9 @@
 The control plane validates a spec when it is submitted (or estimated) and writes it as JSON; the trainer
 (`python -m services.trainer --spec <path>`) reads the same file with `JobSpec.load(path)`. Errors are
 pydantic errors whose location names the field (`method_config.r`, `dataset.train`, ...) and whose
-message says how to fix it.
+message says how to fix it. Types are strict: an integer or boolean field takes only a JSON integer or
+boolean (`"100"`, `true` or `2.0` for an int are refused), a number field a JSON number; method_config's
+fields are checked the same way against the method's dataclass, and r and n_mlp have caps (CAPS).
 
 Methods and their config (`method_config`, checked against the method's config dataclass):
 - "qpa": qpeft_core.adapters.QPAConfig fields, except executor / shots / gradient, which are top-level here;
@@ -19,10 +21,11 @@ import functools
 import json
 import os
 import re
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 METHODS = ("qpa", "quantum_peft", "lora")
@@ -31,6 +34,7 @@ GRADIENTS = ("auto", "autograd", "parameter_shift", "spsa")
 KNOWN_MODELS = ("smollm2-135m", "all-minilm-l6-v2", "tiny-gpt2", "tiny-llama", "tiny-bert")
 EXECUTOR_FORMS = ("exact", "aer", "aer-noisy:<fake device>", "fake-ibm:<fake device>", "ibm:<backend>")
 SHOT_EXECUTORS = ("aer-noisy", "fake-ibm", "ibm")  # these only sample: shots are required
+IBM_BACKEND_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")  # IBM's device names: ibm_torino, ibmq_kolkata
 
 # Shared data sets by name, relative to $QPEFT_SHARED_DATA (default: ../shared/data next to the repo).
 SHARED_DATASETS = {
@@ -115,9 +119,10 @@ FIXES = {
 }
 
 
-def _err(kind: str, message: str) -> PydanticCustomError:
+def _err(kind: str, message: str, fix: str | None = None) -> PydanticCustomError:
     """A validation error whose context carries the fix (the API's error handler reports it)."""
-    return PydanticCustomError(kind, message.replace("{", "(").replace("}", ")"), {"fix": FIXES.get(kind, "")})
+    text = message.replace("{", "(").replace("}", ")")
+    return PydanticCustomError(kind, text, {"fix": fix or FIXES.get(kind, "")})
 
 
 class _Model(BaseModel):
@@ -130,12 +135,14 @@ class DataSpec(_Model):
     train: str = Field(min_length=1, description=f"shared-data name ({', '.join(SHARED_DATASETS)}) or a local path")
     eval: str | None = Field(None, description="held-out data, same forms as train; none: evaluate on train")
     mode: Literal["packed", "lines"] = Field("packed", description="causal_lm: packed blocks or one line each")
-    max_length: int = Field(128, ge=8, le=8192, description="tokens per block / example")
+    max_length: int = Field(128, strict=True, ge=8, le=8192, description="tokens per block / example")
     text_field: str | None = Field(None, description="column with the text (csv/tsv/jsonl); default text|sentence")
     label_field: str = Field("label", description="seq_cls: column with the integer label")
-    limit: int | None = Field(None, ge=1, description="keep a seeded subset of this many training examples")
-    eval_limit: int | None = Field(None, ge=1, description="keep this many evaluation examples")
-    num_labels: int = Field(2, ge=2, le=1000, description="seq_cls: number of classes")
+    limit: int | None = Field(
+        None, strict=True, ge=1, description="keep a seeded subset of this many training examples"
+    )
+    eval_limit: int | None = Field(None, strict=True, ge=1, description="keep this many evaluation examples")
+    num_labels: int = Field(2, strict=True, ge=2, le=1000, description="seq_cls: number of classes")
 
     @field_validator("train", "eval")
     @classmethod
@@ -159,32 +166,36 @@ class DataSpec(_Model):
 
 
 class Scaling(_Model):
-    num_workers: int = Field(1, ge=1, le=256, description="data-parallel trainer replicas (Ray Train workers)")
-    use_gpu: bool = Field(False, description="one GPU per worker")
+    num_workers: int = Field(
+        1, strict=True, ge=1, le=256, description="data-parallel trainer replicas (Ray Train workers)"
+    )
+    use_gpu: bool = Field(False, strict=True, description="one GPU per worker")
 
 
 class TrainingSpec(_Model):
     """Optimiser and loop settings (qpeft_core.train.TrainConfig)."""
 
-    batch_size: int = Field(8, ge=1, le=4096)
-    grad_accum: int = Field(1, ge=1, le=1024, description="micro-batches per optimizer step")
-    lr: float = Field(1e-3, gt=0, le=10)
-    weight_decay: float = Field(0.0, ge=0, le=10)
-    lr_scale: dict[str, Annotated[float, Field(gt=0, le=1000)]] = Field(
+    batch_size: int = Field(8, strict=True, ge=1, le=4096)
+    grad_accum: int = Field(1, strict=True, ge=1, le=1024, description="micro-batches per optimizer step")
+    lr: float = Field(1e-3, strict=True, gt=0, le=10)
+    weight_decay: float = Field(0.0, strict=True, ge=0, le=10)
+    lr_scale: dict[str, Annotated[float, Field(strict=True, gt=0, le=1000)]] = Field(
         default_factory=dict,
         description='{regex on a trainable parameter\'s name: LR multiplier}, e.g. {"gate": 10}; first match wins',
     )
-    warmup_steps: int = Field(0, ge=0)
+    warmup_steps: int = Field(0, strict=True, ge=0)
     schedule: Literal["linear", "cosine", "constant"] = "linear"
-    max_grad_norm: float | None = Field(1.0, gt=0)
-    eval_every: int = Field(0, ge=0, description="optimizer steps between evaluations; 0: only at the end")
+    max_grad_norm: float | None = Field(1.0, strict=True, gt=0)
+    eval_every: int = Field(0, strict=True, ge=0, description="optimizer steps between evaluations; 0: only at the end")
     eval_at_start: bool = Field(
-        False, description="also evaluate before the first step (step 0), for a before/after comparison"
+        False, strict=True, description="also evaluate before the first step (step 0), for a before/after comparison"
     )
-    eval_batch_size: int = Field(8, ge=1, le=4096)
-    eval_max_batches: int | None = Field(None, ge=1)
-    save_every: int = Field(0, ge=0, description="optimizer steps between checkpoints; 0: end and stop only")
-    seed: int = Field(0, ge=0, le=2**32 - 1)
+    eval_batch_size: int = Field(8, strict=True, ge=1, le=4096)
+    eval_max_batches: int | None = Field(None, strict=True, ge=1)
+    save_every: int = Field(
+        0, strict=True, ge=0, description="optimizer steps between checkpoints; 0: end and stop only"
+    )
+    seed: int = Field(0, strict=True, ge=0, le=2**32 - 1)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
 
     @field_validator("lr_scale")
@@ -230,6 +241,48 @@ def config_class(method: str) -> type:
 
 TOP_LEVEL = {"executor": "executor", "shots": "shots", "gradient": "gradient"}  # set on the JobSpec, not here
 
+# Documented caps on method_config, whatever the model: QPA's mapping MLP has an output layer of n_mlp x width
+# weights, and a LoRA rank beyond MAX_RANK is no longer parameter-efficient. The control plane also bounds r
+# and n_mlp by the targeted layers' sizes (services/control_plane/limits.py).
+MAX_RANK = 1024
+MAX_N_MLP = 65536
+CAPS = {"r": MAX_RANK, "n_mlp": MAX_N_MLP}
+STRICT_FIXES = {  # by pydantic's error type, up to its first '_'
+    "int": "send an integer (not a string, a boolean or a number with a fraction)",
+    "float": "send a number (not a string or a boolean)",
+    "bool": "send true or false",
+    "string": "send a string",
+    "list": "send a JSON array",
+    "dict": "send a JSON object",
+}
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, TypeAdapter]:
+    """A strict validator per field of a method's config dataclass, from its annotations: JSON '4', 4.0
+    or true never stand in for the int 4 (floats still take ints)."""
+    hints = typing.get_type_hints(cls)
+    strict = ConfigDict(strict=True)
+    return {f.name: TypeAdapter(hints[f.name], config=strict) for f in dataclasses.fields(cls)}
+
+
+def _check_types(cls: type, cfg: dict) -> None:
+    adapters = _field_types(cls)
+    for key, value in cfg.items():
+        try:
+            adapters[key].validate_python(value)
+        except ValidationError as e:
+            first = e.errors()[0]
+            fix = STRICT_FIXES.get(first["type"].partition("_")[0], "send a value of the field's type")
+            raise _err("method_config", f"method_config.{key}: {first['msg']}", fix) from None
+        cap = CAPS.get(key)
+        if cap is not None and value > cap:
+            raise _err(
+                "method_config",
+                f"method_config.{key}: {value} is above the limit of {cap}",
+                f"use {key} <= {cap}",
+            )
+
 
 def _config_error(method: str, message: str, fields: list[str]) -> PydanticCustomError:
     """The dataclasses raise 'QPAConfig.r must be ...': name the field as method_config.r for the caller."""
@@ -260,7 +313,9 @@ def check_executor(spec: str) -> str:
     kind, sep, arg = spec.partition(":")
     if spec in ("exact", "aer"):
         return spec
-    if sep and arg and kind == "ibm":
+    if sep and kind == "ibm":
+        if not IBM_BACKEND_NAME.fullmatch(arg):
+            raise _err("executor", "not an IBM backend name (like ibm_torino); GET /v1/backends lists the executors")
         return spec
     if sep and arg and kind in ("aer-noisy", "fake-ibm"):
         if fake_device_qubits(arg) is None:
@@ -286,15 +341,21 @@ class JobSpec(_Model):
     method_config: dict[str, Any] = Field(default_factory=dict, description="fields of the method's config class")
     executor: str = Field("exact", max_length=200, description=f"where circuits run: {', '.join(EXECUTOR_FORMS)}")
     executor_options: dict[str, Any] = Field(default_factory=dict, description="options for the executor")
-    shots: Annotated[int, Field(ge=1, le=10_000_000)] | None = Field(None, description="per circuit; none: exact")
+    shots: Annotated[int, Field(strict=True, ge=1, le=10_000_000)] | None = Field(
+        None, description="per circuit; none: exact"
+    )
     gradient: Literal["auto", "autograd", "parameter_shift", "spsa"] = "auto"
     scaling: Scaling = Field(default_factory=Scaling)
-    max_steps: int = Field(100, ge=1, le=10_000_000, description="optimizer steps")
+    max_steps: int = Field(100, strict=True, ge=1, le=10_000_000, description="optimizer steps")
     training: TrainingSpec = Field(default_factory=TrainingSpec)
-    shot_limit: int | None = Field(None, ge=0, le=10**15, description="this job's own shot budget")
-    qpu_seconds_limit: float | None = Field(None, ge=0, le=1e9, description="this job's own QPU-time budget")
+    shot_limit: int | None = Field(None, strict=True, ge=0, le=10**15, description="this job's own shot budget")
+    qpu_seconds_limit: float | None = Field(
+        None, strict=True, ge=0, le=1e9, description="this job's own QPU-time budget"
+    )
     run_until_budget_ends: bool = Field(
-        False, description="train until the budget runs out instead of refusing a job forecast to exceed it"
+        False,
+        strict=True,
+        description="train until the budget runs out instead of refusing a job forecast to exceed it",
     )
 
     @field_validator("dataset", mode="before")
@@ -361,6 +422,7 @@ class JobSpec(_Model):
             if key not in fields:
                 allowed = [f for f in fields if not (self.method == "qpa" and f in TOP_LEVEL)]
                 raise _err("method_config", f"method_config.{key}: unknown field for {self.method}; known: {allowed}")
+        _check_types(cls, cfg)
         if not cfg.get("target_modules"):
             targets = default_target_modules(self.base_model)
             if targets is None:

@@ -280,7 +280,7 @@ def test_job_lifecycle_from_trainer_events(env_any_db, monkeypatch):
     with c.stream("GET", f"/v1/jobs/{jid}/logs?follow=true&tail=1", headers=a) as s:
         assert "".join(s.iter_text()) == "saved checkpoint\n"  # the job is over: the follow ends
 
-    prom = c.get("/metrics").text
+    prom = c.get("/metrics", headers={"X-API-Key": ADMIN}).text  # tenant labels: operators only
     assert 'qpeft_jobs{state="SUCCEEDED",tenant="acme"} 1.0' in prom
     assert 'qpeft_pool_calls_total{tenant="acme"} 2.0' in prom and 'qpeft_shots_spent_total{tenant="acme"}' in prom
     assert 'qpeft_http_request_duration_seconds_count{method="GET",route="/v1/jobs/{job_id}"' in prom

@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 
 from services.control_plane.app import create_app
 from tests.test_control_plane_support import (  # noqa: F401  (fixtures)
+    ADMIN,
     SPEC,
     LiveServer,
     db_url,
@@ -70,7 +71,27 @@ def test_job_runs_on_ray(tmp_path, db_url, ray_jobs_url):  # noqa: F811
         assert names == {"adapter", "metrics.jsonl"}
         assert c.get(f"/v1/jobs/{job['id']}/artifacts/adapter", headers=key).content[:2] == b"PK"
         assert c.get("/readyz").status_code == 200
-        assert j["links"]["ray"].startswith(ray_jobs_url)
+        # the Ray dashboard (no login, takes job submissions) is for operators: the admin key gets its URL
+        assert "ray" not in j["links"] and c.get("/v1/info", headers=key).json()["ray_dashboard_url"] is None
+        assert c.get("/v1/info", headers={"X-API-Key": ADMIN}).json()["ray_dashboard_url"].startswith(ray_jobs_url)
+
+
+def test_jobs_must_fit_the_ray_cluster(tmp_path, sqlite_url, ray_jobs_url):  # noqa: F811
+    """The session's head has 2 CPUs and no GPU: the control plane reads that from Ray's state API."""
+    with TestClient(ray_app(tmp_path, sqlite_url, ray_jobs_url)) as c:
+        key = new_tenant(c, "acme")
+        wait_for(lambda: c.app.state.reconciler.ray is not None, timeout=30, what="the reconciler's Ray client")
+        assert c.app.state.capacity.get() is None or c.app.state.capacity.get()["CPU"] == 2
+        wait_for(lambda: c.app.state.capacity.get() is not None, timeout=30, what="the head's CPUs in Ray's state API")
+        gpu = c.post("/v1/jobs", json={**SPEC, "scaling": {"num_workers": 256, "use_gpu": True}}, headers=key)
+        assert gpu.status_code == 422, gpu.text
+        err = gpu.json()["errors"][0]
+        assert err["field"] == "body.scaling.use_gpu" and "0 GPUs" in err["message"] and "use_gpu" in err["fix"]
+        cpu = c.post("/v1/estimate", json={**SPEC, "scaling": {"num_workers": 3}}, headers=key)
+        assert cpu.status_code == 422, cpu.text
+        err = cpu.json()["errors"][0]
+        assert err["field"] == "body.scaling.num_workers" and "2 CPU(s)" in err["message"] and "at most 2" in err["fix"]
+        assert c.post("/v1/estimate", json={**SPEC, "scaling": {"num_workers": 2}}, headers=key).status_code == 200
 
 
 def test_budget_exhaustion_and_cancel(tmp_path, sqlite_url, ray_jobs_url):  # noqa: F811

@@ -99,9 +99,15 @@ class FakeRay:
     def __init__(self):
         self.jobs: dict[str, dict] = {}
         self.up = True
+        self.capacity = {"CPU": 8.0, "GPU": 0.0, "qpu": 2.0}  # a CPU-only cluster
 
     def reachable(self) -> bool:
         return self.up
+
+    def resources(self) -> dict[str, float]:
+        if not self.up:
+            raise ConnectionError("the fake Ray is down")
+        return dict(self.capacity)
 
     def submit(self, sid, entrypoint, env, metadata):
         self.jobs.setdefault(sid, {"status": "PENDING", "log": "", "entrypoint": entrypoint, "env": env})

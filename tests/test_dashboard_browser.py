@@ -12,7 +12,7 @@ import time
 import pytest
 
 from services.control_plane.app import create_app
-from tests.test_control_plane_support import SPEC, FakeRay, LiveServer, make_settings, new_tenant, wait_for
+from tests.test_control_plane_support import ADMIN, SPEC, FakeRay, LiveServer, make_settings, new_tenant, wait_for
 
 webdriver = pytest.importorskip("selenium.webdriver")
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
@@ -111,6 +111,10 @@ def test_dashboard_live(tmp_path, browser):
         assert "shots:" in text(browser, "#budget-text")
         assert text(browser, '#job-meta [data-field="trainable"]') == "trainable: 125,584 of 134,640,000 parameters"
         assert text(browser, "#conn") == "live"
+        # a tenant's page links nowhere on the Ray dashboard (no login there, and it takes job submissions)
+        assert attr(browser, "#ray-link", "hidden") is not None
+        ray_links = 'a[href^="' + FakeRay.dashboard_url + '"]'
+        assert browser.execute_script("return document.querySelectorAll(arguments[0]).length", ray_links) == 0
 
         art = settings.job_dir(job["id"]) / "artifacts" / "adapter"
         art.mkdir(parents=True)
@@ -130,7 +134,13 @@ def test_dashboard_live(tmp_path, browser):
         wait_for(lambda: "adapter" in (text(browser, "#artifacts") or ""), timeout=10, what="artifacts")
         assert points() == 8
         assert browser.execute_script("return window.__loadedOnce === true")  # live updates, no reload
+        assert attr(browser, "#ray-link", "hidden") is not None
         shot = tmp_path / "dashboard.png"
         browser.save_screenshot(str(shot))
         assert shot.stat().st_size > 10_000
         print(f"dashboard screenshot: {shot}")
+        # the admin key's page gets the operator's link
+        browser.get("about:blank")
+        browser.get(f"{server.url}/dashboard/#key={ADMIN}")
+        wait_for(lambda: attr(browser, "#ray-link", "hidden") is None, timeout=10, what="the admin's Ray link")
+        assert attr(browser, "#ray-link", "href") == FakeRay.dashboard_url

@@ -19,9 +19,11 @@ from sqlalchemy import select
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import db as dbm
+from .body_limit import BodyLimitMiddleware
 from .errors import ApiError, api_error_handler, http_error_handler, validation_handler
 from .forecast import warm_up_qiskit
 from .ledger import SQLLedger
+from .limits import ClusterCapacity
 from .metrics import LatencyMiddleware, Metrics
 from .models import ApiKey, Budget, Tenant
 from .ray_jobs import RayJobs, Reconciler
@@ -107,7 +109,9 @@ def create_app(settings: Settings | None = None, ray: RayJobs | None = None, rec
     app.add_exception_handler(RequestValidationError, validation_handler)
     app.add_exception_handler(ApiError, api_error_handler)
     app.add_exception_handler(StarletteHTTPException, http_error_handler)
-    app.add_middleware(LatencyMiddleware, metrics=st.metrics)
+    st.capacity = ClusterCapacity(st)
+    app.add_middleware(BodyLimitMiddleware, fastapi_app=app)
+    app.add_middleware(LatencyMiddleware, metrics=st.metrics)  # outermost: 413s are observed too
     for r in (jobs, job_outputs, tenants, estimate, backends, ops):
         app.include_router(r.router)
     app.mount("/dashboard", StaticFiles(directory=DASHBOARD, html=True), name="dashboard")

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request, Security
+from fastapi.concurrency import run_in_threadpool
 from fastapi.routing import APIRoute
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import select
@@ -65,6 +66,29 @@ class SessionReleasingRoute(APIRoute):
             endpoint = _closing_sessions(endpoint)
         super().__init__(path, endpoint, **kwargs)
 
+    def get_route_handler(self):
+        """A route that takes a body and needs a key checks the key first: FastAPI parses and validates the
+        body before it runs any dependency, so a bad body from a caller without a valid key would get 400
+        or 422 instead of 401 (and the body's errors). The principal is kept for the `principal`
+        dependency, so the key is looked up once."""
+        handler = super().get_route_handler()
+        if self.body_field is None or not _needs_key(self.dependant):
+            return handler
+
+        async def key_first(request: Request):
+            def check() -> Principal:
+                with request.app.state.sessions() as db:
+                    return authenticate(request, db, presented_key(request))
+
+            request.state.principal = await run_in_threadpool(check)
+            return await handler(request)
+
+        return key_first
+
+
+def _needs_key(dependant) -> bool:
+    return any(d.call is principal or _needs_key(d) for d in dependant.dependencies)
+
 
 def _closing_sessions(fn):
     @functools.wraps(fn)  # FastAPI reads the parameters through __wrapped__
@@ -85,13 +109,18 @@ class Principal:
     admin: bool
 
 
-def principal(
-    request: Request,
-    db: Db,
-    header: Annotated[str | None, Security(api_key_header)] = None,
-    cred: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)] = None,
-) -> Principal:
-    key = header or (cred.credentials if cred else None)
+def presented_key(request: Request) -> str | None:
+    """The key from X-API-Key, else from Authorization: Bearer (what the two security schemes read)."""
+    key = request.headers.get("x-api-key")
+    if key:
+        return key
+    scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    return credentials.strip() or None
+
+
+def authenticate(request: Request, db: Session, key: str | None) -> Principal:
     if not key:
         raise ApiError(
             401, "no API key", "header.X-API-Key", "send your key in X-API-Key (or Authorization: Bearer <key>)"
@@ -109,6 +138,18 @@ def principal(
     if found is None:
         raise ApiError(401, "unknown or revoked API key", "header.X-API-Key", "ask the admin for a valid key")
     return found
+
+
+def principal(
+    request: Request,
+    db: Db,
+    header: Annotated[str | None, Security(api_key_header)] = None,
+    cred: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)] = None,
+) -> Principal:
+    known = getattr(request.state, "principal", None)  # checked before the body was read (AuthFirstRoute)
+    if known is not None:
+        return known
+    return authenticate(request, db, header or (cred.credentials if cred else None))
 
 
 async def tenant(p: Annotated[Principal, Depends(principal)]) -> str:  # async: no I/O, no threadpool hop

@@ -83,6 +83,8 @@ async def http_error_handler(request: Request, exc: StarletteHTTPException) -> J
         field, fix = "path", "check the URL; the API's routes are listed at /docs"
     elif exc.status_code == 405:
         field, fix = "method", f"{request.method} is not allowed here; the allowed methods are listed at /docs"
+    elif exc.status_code == 413:
+        field, fix = "body", "send a smaller body; the message gives the limit"
     elif exc.status_code in (401, 403):
         field, fix = "header.X-API-Key", "send a valid API key in X-API-Key or Authorization: Bearer"
     else:

@@ -71,6 +71,18 @@ def _target_dims(base_model: str, task: str, num_labels: int, targets: str) -> t
     return tuple((t.d_in, t.d_out) for t in found.values())
 
 
+def target_dims(spec: JobSpec, targets) -> tuple[tuple[int, int], ...]:
+    try:
+        return _target_dims(spec.base_model, spec.task, spec.dataset.num_labels, json.dumps(targets))
+    except Exception as e:  # a user-given checkpoint can fail to load in many ways: all of them are 422s
+        raise ApiError(
+            422,
+            f"cannot find the target layers of {spec.base_model!r}: {type(e).__name__}: {e}"[:1000],
+            "body.method_config.target_modules",
+            "name Linear layers of the base model, and check that base_model is a transformers checkpoint",
+        ) from e
+
+
 @functools.lru_cache(maxsize=64)
 def _seconds_per_shot(executor: str, n_qubits: int, depth: int, entangler: str) -> float | None:
     """Critical path of the transpiled QNN on the device plus its repetition delay (qiskit_backends)."""
@@ -128,16 +140,7 @@ def forecast(spec: JobSpec) -> dict:
     cfg = spec.adapter_config()  # the QPAConfig the trainer will build, defaults included
     r, n_mlp, depth = cfg.r, cfg.n_mlp, cfg.qnn_depth
     entangler, qgrad = cfg.entangler, cfg.quantum_grad
-    targets = cfg.target_modules
-    try:
-        dims = _target_dims(spec.base_model, spec.task, spec.dataset.num_labels, json.dumps(targets))
-    except Exception as e:  # a user-given checkpoint can fail to load in many ways: all of them are 422s
-        raise ApiError(
-            422,
-            f"cannot find the target layers of {spec.base_model!r}: {type(e).__name__}: {e}"[:1000],
-            "body.method_config.target_modules",
-            "name Linear layers of the base model, and check that base_model is a transformers checkpoint",
-        ) from e
+    dims = target_dims(spec, cfg.target_modules)
     m = sum(r * (d_in + d_out) for d_in, d_out in dims)
     try:  # the widths QPA will build: refuse now what the trainer would fail on later
         resolve_widths(cfg, m, len(dims))
@@ -145,6 +148,13 @@ def forecast(spec: JobSpec) -> dict:
         raise ApiError(
             422, str(e), "body.method_config.param_budget", "lower n_mlp or set mapping_widths explicitly"
         ) from e
+    if n_mlp > m:  # one basis state would generate more numbers than the LoRA has
+        raise ApiError(
+            422,
+            f"n_mlp = {n_mlp} exceeds the m = r x sum(d_in + d_out) = {m} numbers QPA generates",
+            "body.method_config.n_mlp",
+            f"use n_mlp <= {m}",
+        )
     _, n_qubits = plan(m, n_mlp)
     params = n_qubits * depth
     grad_circuits = {"parameter_shift": 2 * params, "spsa": 2 * _spsa_samples(), "autograd": 0}[gradient]

@@ -69,6 +69,20 @@ class RayJobs:
             self._client = None
             return False
 
+    def resources(self) -> dict[str, float]:
+        """The alive nodes' total resources ({"CPU": 8.0, "GPU": 0.0, "qpu": 2.0, ...}) from Ray's state API
+        on the job server; raises when it does not answer."""
+        import requests
+
+        url = f"{self.dashboard_url}/api/v0/nodes?limit=10000"
+        body = requests.get(url, headers=self.client._headers, timeout=3).json()
+        total: dict[str, float] = {}
+        for node in body["data"]["result"]["result"]:
+            if node.get("state") == "ALIVE":
+                for name, amount in (node.get("resources_total") or {}).items():
+                    total[name] = total.get(name, 0.0) + float(amount)
+        return total
+
     def submit(self, submission_id: str, entrypoint: str, env: dict[str, str], metadata: dict[str, str]) -> None:
         try:
             self.client.submit_job(

@@ -201,7 +201,7 @@ class Estimate(Forecast):
 class Info(BaseModel):
     version: str
     mode: Literal["embedded", "cluster"]
-    ray_dashboard_url: str | None
+    ray_dashboard_url: str | None = Field(description="the Ray dashboard, for the admin key only; null for tenants")
     ray_reachable: bool
 
 

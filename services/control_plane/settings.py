@@ -35,6 +35,14 @@ class Settings(BaseModel):
     start_ray: bool = True  # embedded mode may start a Ray head; False: never (tests, readonly tools)
     ray_num_cpus: int | None = None  # embedded head's CPUs (None: all)
     ray_qpu_slots: int = 2  # embedded head's "qpu" resource: concurrent quantum workers
+    metrics_token: str | None = None  # bearer token for /metrics with tenant labels (Prometheus); the admin key too
+    max_body_bytes: int = Field(1 << 20, ge=1024)  # request bodies above this get 413 (routes may set their own)
+    # What a job may ask of the cluster: None reads the Ray cluster's CPUs / GPUs (cached); set them to the
+    # ceiling of an autoscaling cluster, whose nodes may not be up yet
+    cluster_cpus: int | None = Field(None, ge=0)
+    cluster_gpus: int | None = Field(None, ge=0)
+    # IBM devices jobs may name when the API holds no IBM account (only the quantum workers do)
+    ibm_backends: list[str] = Field(default_factory=list)
 
     @property
     def embedded(self) -> bool:
@@ -81,6 +89,13 @@ class Settings(BaseModel):
             "poll_s": env.get("QPEFT_POLL_S"),
             "ray_num_cpus": env.get("QPEFT_RAY_NUM_CPUS"),
             "ray_qpu_slots": env.get("QPEFT_RAY_QPU_SLOTS"),
+            "metrics_token": env.get("QPEFT_METRICS_TOKEN"),
+            "max_body_bytes": env.get("QPEFT_MAX_BODY_BYTES"),
+            "cluster_cpus": env.get("QPEFT_CLUSTER_CPUS"),
+            "cluster_gpus": env.get("QPEFT_CLUSTER_GPUS"),
+            "ibm_backends": env["QPEFT_IBM_BACKENDS"].replace(",", " ").split()
+            if env.get("QPEFT_IBM_BACKENDS")
+            else None,
         }
         values = {k: v for k, v in values.items() if v is not None}
         values.update(overrides)

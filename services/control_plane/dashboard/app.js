@@ -113,6 +113,8 @@ async function loadBudget() {
   } catch (e) { /* no key yet */ }
 }
 
+// The API gives the Ray dashboard's URL to the admin key only (it has no login and takes job submissions):
+// a tenant's page never shows it.
 async function loadInfo() {
   try {
     const info = await (await api("/v1/info")).json();
@@ -179,14 +181,6 @@ function renderJobMeta() {
     span.append(b, document.createTextNode(v));
     span.dataset.field = k;
     meta.appendChild(span);
-  }
-  if (j.links.ray) {
-    const a = document.createElement("a");
-    a.href = j.links.ray;
-    a.target = "_blank";
-    a.rel = "noopener";
-    a.textContent = "open in Ray dashboard";
-    meta.appendChild(a);
   }
   $("#job-title").textContent = `Job ${j.name ? j.name + " · " : ""}${j.id}`;
   $("#cancel").hidden = !(j.state === "QUEUED" || j.state === "RUNNING");

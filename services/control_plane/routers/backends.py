@@ -16,7 +16,8 @@ _lock = threading.Lock()
 TTL_S = 300  # listing IBM devices needs the network; fake devices never change
 
 
-def _listing() -> list[dict]:
+def listing() -> list[dict]:
+    """The executors this server can run, cached for TTL_S (IBM devices only with an account)."""
     from qpeft_core.quantum.registry import available_backends
 
     with _lock:
@@ -36,4 +37,4 @@ def _listing() -> list[dict]:
     summary="Executors: simulators, fake IBM devices, and IBM devices when an account is configured",
 )
 def backends(_: Authenticated) -> list[schemas.Backend]:
-    return [schemas.Backend(**b) for b in _listing()]
+    return [schemas.Backend(**b) for b in listing()]

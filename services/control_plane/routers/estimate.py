@@ -9,6 +9,7 @@ from services.jobspec import JobSpec
 from .. import schemas
 from ..auth import SessionReleasingRoute, TenantName
 from ..forecast import forecast
+from ..limits import check_fits
 
 router = APIRouter(route_class=SessionReleasingRoute, tags=["estimate"])
 
@@ -20,6 +21,7 @@ router = APIRouter(route_class=SessionReleasingRoute, tags=["estimate"])
     summary="Forecast a job's shots (and QPU seconds on IBM devices), with the formula",
 )
 def estimate(spec: JobSpec, request: Request, tenant: TenantName) -> schemas.Estimate:
+    check_fits(request, spec)
     fc = forecast(spec)
     acc = request.app.state.ledger.account(tenant)
     shot_limits = [v for v in (acc.remaining, spec.shot_limit) if v is not None]

@@ -18,6 +18,7 @@ from .. import schemas
 from ..auth import Db, SessionReleasingRoute, TenantName
 from ..errors import ApiError
 from ..forecast import forecast
+from ..limits import check_fits
 from ..models import FINAL_STATES, Budget, Job
 
 router = APIRouter(route_class=SessionReleasingRoute, prefix="/v1/jobs", tags=["jobs"])
@@ -42,9 +43,6 @@ def job_out(request: Request, db, job: Job) -> schemas.Job:
         "artifacts": f"{base}/artifacts",
         "dashboard": f"/dashboard/#job={job.id}",
     }
-    ray_url = request.app.state.ray_dashboard_url()
-    if ray_url:
-        links["ray"] = f"{ray_url.rstrip('/')}/#/jobs/{job.ray_submission_id}"
     return schemas.Job(
         id=job.id,
         name=job.name,
@@ -133,6 +131,7 @@ def submit(
         earlier = db.scalar(select(Job).where(Job.tenant == tenant, Job.idempotency_key == idempotency_key))
         if earlier is not None:
             return _replay(request, response, db, earlier, digest, idempotency_key)
+    check_fits(request, spec)
     fc = forecast(spec)
     _over_budget(request, tenant, spec, fc)
     job_id = uuid.uuid4().hex[:16]

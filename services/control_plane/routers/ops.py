@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import hmac
 import importlib.metadata
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Security
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
 from .. import schemas
-from ..auth import Authenticated, SessionReleasingRoute
+from ..auth import Authenticated, Db, SessionReleasingRoute, api_key_header, authenticate, bearer, presented_key
+from ..errors import ApiError
 
 router = APIRouter(route_class=SessionReleasingRoute, tags=["operations"])
 
@@ -39,13 +41,34 @@ def readyz(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ready" if ok else "not ready", "checks": checks}, status_code=200 if ok else 503)
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
-def metrics(request: Request) -> Response:
-    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics: totals without a key; by tenant with the admin key or the metrics token",
+    response_class=Response,
+    responses=schemas.errors(401, 403),
+    dependencies=[Security(api_key_header), Security(bearer)],  # optional: documents the two ways to send it
+)
+def metrics(request: Request, db: Db) -> Response:
+    """Without credentials: request latency and job / shot totals, naming no tenant. With the admin key or
+    QPEFT_METRICS_TOKEN (X-API-Key or Authorization: Bearer, as Prometheus' bearer_token sends it): the
+    same labelled by tenant. A tenant key gets 403, an unknown key 401."""
+    m, key = request.app.state.metrics, presented_key(request)
+    if key is None:
+        return Response(generate_latest(m.public), media_type=CONTENT_TYPE_LATEST)
+    token = request.app.state.settings.metrics_token
+    scraper = bool(token) and hmac.compare_digest(key.encode(), token.encode())
+    if not scraper and not authenticate(request, db, key).admin:
+        raise ApiError(
+            403,
+            "metrics by tenant need the admin key or the metrics token",
+            "header.X-API-Key",
+            "send no key for the totals, or the admin key / QPEFT_METRICS_TOKEN for the tenant labels",
+        )
+    return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/v1/info", response_model=schemas.Info, responses=schemas.errors(401), summary="Service info")
-def info(request: Request, _: Authenticated) -> schemas.Info:
+def info(request: Request, caller: Authenticated) -> schemas.Info:
     try:
         version = importlib.metadata.version("qpeft")
     except importlib.metadata.PackageNotFoundError:
@@ -54,7 +77,8 @@ def info(request: Request, _: Authenticated) -> schemas.Info:
     return schemas.Info(
         version=version,
         mode="embedded" if request.app.state.settings.embedded else "cluster",
-        ray_dashboard_url=request.app.state.ray_dashboard_url(),
+        # the Ray dashboard has no login and takes job submissions (code): operators only
+        ray_dashboard_url=request.app.state.ray_dashboard_url() if caller.admin else None,
         ray_reachable=ray is not None and ray.reachable(),
     )
 
