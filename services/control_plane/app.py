@@ -25,7 +25,7 @@ from .ledger import SQLLedger
 from .metrics import LatencyMiddleware, Metrics
 from .models import ApiKey, Budget, Tenant
 from .ray_jobs import RayJobs, Reconciler
-from .routers import backends, estimate, job_outputs, jobs, ops, tenants
+from .routers import backends, datasets, estimate, job_outputs, jobs, ops, tenants
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ def create_app(settings: Settings | None = None, ray: RayJobs | None = None, rec
     app.add_exception_handler(ApiError, api_error_handler)
     app.add_exception_handler(StarletteHTTPException, http_error_handler)
     app.add_middleware(LatencyMiddleware, metrics=st.metrics)
-    for r in (jobs, job_outputs, tenants, estimate, backends, ops):
+    for r in (jobs, job_outputs, datasets, tenants, estimate, backends, ops):
         app.include_router(r.router)
     app.mount("/dashboard", StaticFiles(directory=DASHBOARD, html=True), name="dashboard")
     return app

@@ -130,7 +130,7 @@ def forecast(spec: JobSpec) -> dict:
     entangler, qgrad = cfg.entangler, cfg.quantum_grad
     targets = cfg.target_modules
     try:
-        dims = _target_dims(spec.base_model, spec.task, spec.dataset.num_labels, json.dumps(targets))
+        dims = _target_dims(spec.model_location(), spec.task, spec.dataset.num_labels, json.dumps(targets))
     except Exception as e:  # a user-given checkpoint can fail to load in many ways: all of them are 422s
         raise ApiError(
             422,
