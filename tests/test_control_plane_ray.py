@@ -169,3 +169,45 @@ def test_real_trainer_end_to_end(tmp_path, sqlite_url, ray_jobs_url):  # noqa: F
         assert {"adapter", "lora"} <= names
         points = c.get(f"/v1/jobs/{job['id']}/metrics", headers=key).json()["points"]
         assert [p["step"] for p in points] == [1, 2, 3]
+
+
+def test_real_trainer_on_an_upload_hides_its_cells(tmp_path, sqlite_url, ray_jobs_url):  # noqa: F811
+    """The issue's reproducer: an uploaded CSV whose label column holds text. The real trainer fails the job,
+    and neither its reason nor its log holds the cell's text; the same upload with integer labels trains."""
+    settings = make_settings(
+        tmp_path / "data",
+        sqlite_url,
+        ray_address=ray_jobs_url,
+        poll_s=0.5,
+        trainer_command="{python} -m services.trainer",
+    )
+    secret = "marmalade-5521"
+    good = "text,label\n" + "".join(f"review {i} is {'good' if i % 2 else 'bad'},{i % 2}\n" for i in range(16))
+    bad = "text,label\n" + "".join(f"review {i},{secret if i == 3 else i % 2}\n" for i in range(16))
+    spec = {
+        "base_model": "tiny-bert",
+        "task": "seq_cls",
+        "method": "lora",
+        "method_config": {"r": 2},
+        "max_steps": 2,
+        "training": {"batch_size": 4, "eval_max_batches": 1},
+    }
+    with TestClient(create_app(settings)) as c:
+        key = new_tenant(c, "acme")
+        ids = {}
+        for name, body in (("good.csv", good), ("bad.csv", bad)):
+            r = c.post("/v1/datasets", params={"name": name}, content=body.encode(), headers=key)
+            assert r.status_code == 201 and secret not in r.text, r.text
+            ids[name] = r.json()["id"]
+        jobs = {
+            name: c.post("/v1/jobs", json={**spec, "dataset": {"train": ds, "limit": 16}}, headers=key).json()["id"]
+            for name, ds in ids.items()
+        }
+        failed = final(c, key, jobs["bad.csv"], timeout=300)
+        assert failed["state"] == "FAILED"
+        assert ids["bad.csv"] in failed["reason"] and "row 3" in failed["reason"] and "'label'" in failed["reason"]
+        logs = c.get(f"/v1/jobs/{jobs['bad.csv']}/logs", params={"tail": 10000}, headers=key).json()["lines"]
+        assert logs and secret not in failed["reason"] and all(secret not in line["line"] for line in logs)
+        assert str(settings.data_dir) not in failed["reason"]  # nor where the server keeps it
+        ok = final(c, key, jobs["good.csv"], timeout=300)
+        assert ok["state"] == "SUCCEEDED", ok["reason"]
