@@ -69,6 +69,7 @@ _MODEL_FAMILY = {
 }
 
 DATASET_ID = re.compile(r"ds_[0-9a-f]{16}")  # an uploaded data set (POST /v1/datasets)
+HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken"]  # config, weights, tokenizer
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")  # 'org/name' on the Hugging Face hub
 
 # Keys that would carry IBM credentials: those live in the cluster's saved account, never in a spec
@@ -157,7 +158,9 @@ class Access:
         from huggingface_hub.errors import HFValidationError
 
         try:
-            path = snapshot_download(repo_id, cache_dir=self.hub_cache, local_files_only=not self.hub_online)
+            path = snapshot_download(
+                repo_id, cache_dir=self.hub_cache, local_files_only=not self.hub_online, allow_patterns=HUB_FILES
+            )
         except (OSError, ValueError, HFValidationError):  # not cached, not on the hub, or no network
             return None
         return path if (Path(path) / "config.json").is_file() else None

@@ -44,13 +44,17 @@ def find_dataset(db, tenant: str, dataset_id: str) -> Dataset:
     return row
 
 
-def jobs_using(db, tenant: str, dataset_id: str) -> list[str]:
-    """This tenant's queued or running jobs whose spec names the data set."""
+def active_uses(db, tenant: str) -> dict[str, list[str]]:
+    """Data set id -> this tenant's queued or running jobs whose spec names it (as train or eval)."""
+    uses: dict[str, list[str]] = {}
     jobs = db.execute(select(Job.id, Job.spec).where(Job.tenant == tenant, Job.state.in_(ACTIVE_STATES))).all()
-    return [j.id for j in jobs if dataset_id in (j.spec["dataset"].get("train"), j.spec["dataset"].get("eval"))]
+    for job in jobs:
+        for name in {job.spec["dataset"].get("train"), job.spec["dataset"].get("eval")} - {None}:
+            uses.setdefault(name, []).append(job.id)
+    return uses
 
 
-def dataset_out(db, row: Dataset) -> schemas.Dataset:
+def dataset_out(row: Dataset, used_by: list[str]) -> schemas.Dataset:
     return schemas.Dataset(
         id=row.id,
         name=row.name,
@@ -62,7 +66,7 @@ def dataset_out(db, row: Dataset) -> schemas.Dataset:
         max_chars=row.stats["max_chars"],
         columns=None if row.columns is None else [schemas.DatasetColumn(**c) for c in row.columns],
         created_at=row.created_at,
-        used_by=jobs_using(db, row.tenant, row.id),
+        used_by=used_by,
     )
 
 
@@ -107,7 +111,7 @@ def _record(request: Request, tenant: str, name: str, fmt: str, path: Path, size
     with request.app.state.sessions() as db:
         db.add(row)
         db.commit()
-        return dataset_out(db, row)
+        return dataset_out(row, [])
 
 
 @router.post(
@@ -172,7 +176,8 @@ def list_datasets(
         .limit(limit)
         .offset(offset)
     ).all()
-    items = [dataset_out(db, r) for r in rows]
+    uses = active_uses(db, tenant)
+    items = [dataset_out(r, uses.get(r.id, [])) for r in rows]
     nxt = offset + len(items) if offset + len(items) < total else None
     return schemas.DatasetPage(items=items, total=total, limit=limit, offset=offset, next_offset=nxt)
 
@@ -181,7 +186,8 @@ def list_datasets(
     "/{dataset_id}", response_model=schemas.Dataset, responses=schemas.errors(401, 403, 404, 422), summary="Get one"
 )
 def get_dataset(dataset_id: DatasetId, db: Db, tenant: TenantName) -> schemas.Dataset:
-    return dataset_out(db, find_dataset(db, tenant, dataset_id))
+    row = find_dataset(db, tenant, dataset_id)
+    return dataset_out(row, active_uses(db, tenant).get(dataset_id, []))
 
 
 @router.delete(
@@ -193,7 +199,7 @@ def get_dataset(dataset_id: DatasetId, db: Db, tenant: TenantName) -> schemas.Da
 )
 def delete_dataset(dataset_id: DatasetId, db: Db, tenant: TenantName) -> Response:
     row = find_dataset(db, tenant, dataset_id)
-    users = jobs_using(db, tenant, dataset_id)
+    users = active_uses(db, tenant).get(dataset_id, [])
     if users:
         raise ApiError(
             409,
