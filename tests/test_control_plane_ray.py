@@ -199,15 +199,16 @@ def test_real_trainer_on_an_upload_hides_its_cells(tmp_path, sqlite_url, ray_job
             r = c.post("/v1/datasets", params={"name": name}, content=body.encode(), headers=key)
             assert r.status_code == 201 and secret not in r.text, r.text
             ids[name] = r.json()["id"]
-        jobs = {
-            name: c.post("/v1/jobs", json={**spec, "dataset": {"train": ds, "limit": 16}}, headers=key).json()["id"]
-            for name, ds in ids.items()
-        }
-        failed = final(c, key, jobs["bad.csv"], timeout=300)
+
+        def run(name):  # one after the other: two trainers at once crowd the session's 2-CPU cluster
+            job = c.post("/v1/jobs", json={**spec, "dataset": {"train": ids[name], "limit": 16}}, headers=key).json()
+            return job["id"], final(c, key, job["id"], timeout=300)
+
+        bad_id, failed = run("bad.csv")
         assert failed["state"] == "FAILED"
         assert ids["bad.csv"] in failed["reason"] and "row 3" in failed["reason"] and "'label'" in failed["reason"]
-        logs = c.get(f"/v1/jobs/{jobs['bad.csv']}/logs", params={"tail": 10000}, headers=key).json()["lines"]
+        logs = c.get(f"/v1/jobs/{bad_id}/logs", params={"tail": 10000}, headers=key).json()["lines"]
         assert logs and secret not in failed["reason"] and all(secret not in line["line"] for line in logs)
         assert str(settings.data_dir) not in failed["reason"]  # nor where the server keeps it
-        ok = final(c, key, jobs["good.csv"], timeout=300)
+        _, ok = run("good.csv")
         assert ok["state"] == "SUCCEEDED", ok["reason"]
