@@ -41,6 +41,13 @@ def ray_app(tmp_path, url, ray_url, step_s=0.2):
     return create_app(settings)
 
 
+def real_trainer_settings(tmp_path, url, ray_url):
+    """Jobs run `python -m services.trainer`, the real trainer, instead of the stand-in."""
+    return make_settings(
+        tmp_path / "data", url, ray_address=ray_url, poll_s=0.5, trainer_command="{python} -m services.trainer"
+    )
+
+
 def final(client, key, job_id, timeout=90):
     def done():
         j = client.get(f"/v1/jobs/{job_id}", headers=key).json()
@@ -145,13 +152,7 @@ def test_cli(tmp_path, sqlite_url, ray_jobs_url):  # noqa: F811
 def test_real_trainer_end_to_end(tmp_path, sqlite_url, ray_jobs_url):  # noqa: F811
     """The same path with the real trainer (`python -m services.trainer`): Ray Train, the quantum pool on
     the "qpu" resource, shots through the SQL ledger, adapter and LoRA export as artifacts."""
-    settings = make_settings(
-        tmp_path / "data",
-        sqlite_url,
-        ray_address=ray_jobs_url,
-        poll_s=0.5,
-        trainer_command="{python} -m services.trainer",
-    )
+    settings = real_trainer_settings(tmp_path, sqlite_url, ray_jobs_url)
     spec = {
         **SPEC,
         "max_steps": 3,
@@ -174,13 +175,7 @@ def test_real_trainer_end_to_end(tmp_path, sqlite_url, ray_jobs_url):  # noqa: F
 def test_real_trainer_on_an_upload_hides_its_cells(tmp_path, sqlite_url, ray_jobs_url):  # noqa: F811
     """The issue's reproducer: an uploaded CSV whose label column holds text. The real trainer fails the job,
     and neither its reason nor its log holds the cell's text; the same upload with integer labels trains."""
-    settings = make_settings(
-        tmp_path / "data",
-        sqlite_url,
-        ray_address=ray_jobs_url,
-        poll_s=0.5,
-        trainer_command="{python} -m services.trainer",
-    )
+    settings = real_trainer_settings(tmp_path, sqlite_url, ray_jobs_url)
     secret = "marmalade-5521"
     good = "text,label\n" + "".join(f"review {i} is {'good' if i % 2 else 'bad'},{i % 2}\n" for i in range(16))
     bad = "text,label\n" + "".join(f"review {i},{secret if i == 3 else i % 2}\n" for i in range(16))

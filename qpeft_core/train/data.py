@@ -49,20 +49,30 @@ def _rows(path: Path, name: str) -> list[dict]:
         raise ValueError(f"data set {name!r} is not valid {path.suffix[1:]}: {e}") from None
 
 
+class NotJSONObject(ValueError):
+    pass
+
+
+def json_objects(lines):
+    """(line, object) for each non-blank line of a JSONL file; NotJSONObject names the first other line."""
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if not isinstance(row, dict):
+            raise NotJSONObject(f"line {number}: not a JSON object; write one object per line")
+        yield line, row
+
+
 def _json_rows(path: Path, name: str) -> list[dict]:
-    rows = []
     with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError:
-                row = None
-            if not isinstance(row, dict):
-                raise ValueError(f"data set {name!r} line {number}: not a JSON object; write one object per line")
-            rows.append(row)
-    return rows
+        try:
+            return [row for _, row in json_objects(f)]
+        except NotJSONObject as e:
+            raise ValueError(f"data set {name!r} {e}") from None
 
 
 def _column(rows: list[dict], name: str, field: str | None, what: str, default=("text", "sentence")) -> str:

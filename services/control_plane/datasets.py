@@ -12,6 +12,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from qpeft_core.train.data import NotJSONObject, json_objects
+
 FORMATS = ("text", "tsv", "csv", "jsonl")
 SUFFIXES = {"text": ".txt", "tsv": ".tsv", "csv": ".csv", "jsonl": ".jsonl"}
 _BY_SUFFIX = {".txt": "text", ".text": "text", ".tsv": "tsv", ".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
@@ -102,20 +104,15 @@ def _table(f, fmt: str) -> Inspection:
 
 def _jsonl(f, _fmt) -> Inspection:
     out = Inspection(columns={})
-    for number, line in enumerate(f, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError:
-            row = None
-        if not isinstance(row, dict):
-            raise InvalidDataset(f"line {number}: not a JSON object; write one object per line")
-        out.rows += 1
-        out.empty_rows += not row
-        for name, value in row.items():
-            out.columns.setdefault(name, Column(name)).add(value)
-        out.max_chars = max(out.max_chars, len(line.rstrip("\r\n")))
+    try:
+        for line, row in json_objects(f):  # the loader's own reading, one line at a time
+            out.rows += 1
+            out.empty_rows += not row
+            for name, value in row.items():
+                out.columns.setdefault(name, Column(name)).add(value)
+            out.max_chars = max(out.max_chars, len(line.rstrip("\r\n")))
+    except NotJSONObject as e:
+        raise InvalidDataset(str(e)) from None
     return out
 
 
