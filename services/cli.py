@@ -21,6 +21,8 @@ from rich.table import Table
 app = typer.Typer(help="qpeft: hybrid quantum-classical fine-tuning service", no_args_is_help=True)
 tenant_app = typer.Typer(help="Tenants (admin key)", no_args_is_help=True)
 app.add_typer(tenant_app, name="tenant")
+data_app = typer.Typer(help="My uploaded data sets", no_args_is_help=True)
+app.add_typer(data_app, name="data")
 out, err = Console(), Console(stderr=True)
 FINAL = ("SUCCEEDED", "FAILED", "CANCELLED", "BUDGET_EXHAUSTED")
 
@@ -131,15 +133,57 @@ def stop_ray():
 
 
 # --- jobs ----------------------------------------------------------------------------------------
+def upload_dataset(client, path: Path, fmt: str | None = None) -> dict:
+    """POST the file as the request body, streamed from disk (its length first, so that an over-large file is
+    refused before it is sent). Returns the data set (its id names it in a JobSpec)."""
+    params = {"name": path.name} | ({"format": fmt} if fmt else {})
+    headers = {"Content-Type": "application/octet-stream", "Content-Length": str(path.stat().st_size)}
+    with open(path, "rb") as f:
+        return _check(client.post("/v1/datasets", params=params, content=f, headers=headers)).json()
+
+
+def _local_file(value, base: Path) -> Path | None:
+    """A dataset value of a spec that names a file on this machine (relative to the spec's folder or here)."""
+    from services.jobspec import DATASET_ID, SHARED_DATASETS
+
+    if not isinstance(value, str) or value in SHARED_DATASETS or DATASET_ID.fullmatch(value):
+        return None
+    for candidate in (base / value, Path(value).expanduser()):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def upload_local_data(client, spec: dict, base: Path) -> dict:
+    """The spec with each local file in dataset / dataset.train / dataset.eval uploaded and named by its id."""
+    dataset = spec.get("dataset")
+    dataset = {"train": dataset} if isinstance(dataset, str) else dict(dataset or {})
+    changed = False
+    for which in ("train", "eval"):
+        path = _local_file(dataset.get(which), base)
+        if path is not None:
+            up = upload_dataset(client, path)
+            err.print(f"uploaded {path} as data set {up['id']} ({up['rows']} rows)")
+            dataset[which], changed = up["id"], True
+    return {**spec, "dataset": dataset} if changed else spec
+
+
 @app.command()
 def submit(
     spec: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="JobSpec as YAML or JSON")],
     follow: Annotated[bool, typer.Option("--follow", "-f", help="show progress until the job ends")] = False,
     idempotency_key: Annotated[str | None, typer.Option(help="resubmitting with the same key is safe")] = None,
+    upload: Annotated[
+        bool, typer.Option(help="upload data files of this machine named in the spec first, and name their ids")
+    ] = True,
 ):
     """Submit a job."""
     headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
-    job = _call("POST", "/v1/jobs", json=load_spec(spec), headers=headers)
+    body = load_spec(spec)
+    if upload:
+        with _client() as c:
+            body = upload_local_data(c, body, spec.parent)
+    job = _call("POST", "/v1/jobs", json=body, headers=headers)
     out.print(f"job [bold]{job['id']}[/bold] {job['state']} (forecast: {_fmt(job['shots']['forecast'])} shots)")
     if follow:
         raise typer.Exit(_follow(job))
@@ -254,6 +298,45 @@ def backends():
     for b in _call("GET", "/v1/backends"):
         table.add_row(b["spec"], b["kind"], str(b["qubits"]), b["status"])
     out.print(table)
+
+
+@data_app.command("upload")
+def data_upload(
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="a .txt, .tsv, .csv or .jsonl file")],
+    format: Annotated[str | None, typer.Option(help="text, tsv, csv or jsonl (default: from the suffix)")] = None,
+):
+    """Upload a data set; name its id in a spec's dataset."""
+    with _client() as c:
+        d = upload_dataset(c, file, format)
+    columns = ", ".join(col["name"] for col in d["columns"]) if d["columns"] else "-"
+    out.print(f"data set [bold]{d['id']}[/bold]: {d['format']}, {d['rows']} rows, columns {columns}")
+    out.print(f"sha256 {d['sha256']}")
+
+
+@data_app.command("ls")
+def data_ls():
+    """List my data sets."""
+    page = _call("GET", "/v1/datasets", params={"limit": 200})
+    table = Table("id", "name", "format", "rows", "bytes", "used by", "created")
+    for d in page["items"]:
+        used = ", ".join(d["used_by"])
+        table.add_row(d["id"], d["name"], d["format"], str(d["rows"]), str(d["size_bytes"]), used, d["created_at"][:19])
+    out.print(table)
+    out.print(f"{len(page['items'])} of {page['total']}")
+
+
+@data_app.command("rm")
+def data_rm(dataset_id: str):
+    """Delete a data set (refused while a queued or running job names it)."""
+    import httpx
+
+    with _client() as c:
+        try:
+            _check(c.delete(f"/v1/datasets/{dataset_id}"))
+        except httpx.TransportError as e:
+            err.print(f"[red]cannot reach the server:[/red] {e}")
+            raise typer.Exit(1) from None
+    out.print(f"deleted data set {dataset_id}")
 
 
 @tenant_app.command("create")

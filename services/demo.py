@@ -1,10 +1,11 @@
 """The service part of `make demo`: the QPA fine-tune as jobs through the embedded control plane.
 
 Starts the control plane in embedded mode (SQLite and a local Ray head under a temporary data dir, the API
-and dashboard on a free 127.0.0.1 port), creates a tenant with a small shot budget, submits a QPA job on a
-shot-based simulator (Aer, parameter shift) and one on the exact executor over the REST API, follows both,
-downloads the LoRA artifact, generates from it with plain transformers + peft, and stops everything it
-started. qpeft_core.demo calls `run_service_demo` lazily, so qpeft_core never imports ray or fastapi.
+and dashboard on a free 127.0.0.1 port), creates a tenant with a small shot budget, uploads a local text file
+as the tenant's data set (with the CLI's client code), submits on it a QPA job on a shot-based simulator (Aer,
+parameter shift) and one on the exact executor over the REST API, follows both, downloads the LoRA artifact,
+generates from it with plain transformers + peft, and stops everything it started. qpeft_core.demo calls
+`run_service_demo` lazily, so qpeft_core never imports ray or fastapi.
 """
 
 from __future__ import annotations
@@ -95,6 +96,7 @@ def run_service_demo(model: str, data_dir, device: str = "cpu", steps: int = 10,
 
     from qpeft_core.adapters.io import load_peft_lora
     from qpeft_core.train import load_model
+    from services.cli import upload_dataset
     from services.control_plane import db
     from services.control_plane.app import create_app
     from services.control_plane.ray_jobs import stop_local_head
@@ -136,10 +138,26 @@ def run_service_demo(model: str, data_dir, device: str = "cpu", steps: int = 10,
             head = json.loads(ray_state.read_text())
             console.print(f"local Ray head: GCS {head['gcs_address']}, Ray dashboard {head['dashboard_url']}")
 
+            tenant = c.post("/v1/tenants", json={"name": "demo", "shots": None}, headers={"X-API-Key": admin})
+            key = {"X-API-Key": tenant.raise_for_status().json()["api_key"]}
+            c.headers.update(key)
+            # The training text as a user has it: a file on their machine, uploaded as `qpeft data upload` does
+            # (a copy of WikiText-2's validation split stands in for the user's own corpus).
+            corpus = work / "my-corpus.txt"
+            corpus.write_bytes((Path(data_dir) / "wikitext-2" / "valid.txt").read_bytes())
+            uploaded = upload_dataset(c, corpus)
+            summary["dataset"] = {k: uploaded[k] for k in ("id", "format", "rows", "sha256")}
+            console.print(f"uploaded {corpus.name}: data set {uploaded['id']} ({uploaded['rows']:,} lines)")
+
             max_length, batch = (64, 2) if quick else (128, 4)
             base = {
                 "base_model": model,
-                "dataset": {"train": "wikitext-2", "eval": "wikitext-2-test", "max_length": max_length, "limit": 64},
+                "dataset": {
+                    "train": uploaded["id"],
+                    "eval": "wikitext-2-test",
+                    "max_length": max_length,
+                    "limit": 64,
+                },
                 "method": "qpa",
                 # 2048 numbers per basis state suit SmolLM2's 230,400; a tiny test model needs far fewer
                 "method_config": {
@@ -153,9 +171,6 @@ def run_service_demo(model: str, data_dir, device: str = "cpu", steps: int = 10,
             sampled["max_steps"] = 2 if quick else 3
             exact = {**base, "name": "qpa exact", "executor": "exact", "max_steps": steps}
             exact["training"] = {**base["training"], "eval_at_start": True}
-            tenant = c.post("/v1/tenants", json={"name": "demo", "shots": None}, headers={"X-API-Key": admin})
-            key = {"X-API-Key": tenant.raise_for_status().json()["api_key"]}
-            c.headers.update(key)
             # A budget of twice the Aer job's forecast: enough for it, small enough to matter.
             shots_needed = c.post("/v1/estimate", json=sampled).raise_for_status().json()["shots"]
             budget = 2 * shots_needed

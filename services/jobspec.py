@@ -12,6 +12,15 @@ Methods and their config (`method_config`, checked against the method's config d
 - "quantum_peft": qpeft_core.adapters.QuantumPEFTConfig fields (runs classically: executor must be "exact");
 - "lora": r, lora_alpha, lora_dropout, target_modules (HF PEFT LoRA, the classical baseline).
 `target_modules` may be left out: `default_target_modules(base_model)` fills it in.
+
+What a spec may name, by validation context (pydantic's `context=`):
+- none (FastAPI's parse of a request, library use): the form only; no file is looked at;
+- {"access": Access(...)} (the control plane, per tenant): `dataset.train` / `dataset.eval` are a shared name,
+  one of the tenant's uploaded data set ids, or a file under an operator-allowed root; `base_model` a known
+  name, a checkpoint under an operator-allowed root, or a hub id the server holds. Everything else, existing
+  or not, gets the same "not found" answer. The server paths go into `resolved`;
+- {"trusted": True} (the trainer reading the spec file the control plane wrote): `resolved` is read as is.
+A spec from a tenant never carries `resolved`, so the trainer reads only what the control plane resolved.
 """
 
 from __future__ import annotations
@@ -22,10 +31,21 @@ import json
 import os
 import re
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic.json_schema import SkipJsonSchema
 from pydantic_core import PydanticCustomError
 
 METHODS = ("qpa", "quantum_peft", "lora")
@@ -60,6 +80,10 @@ _MODEL_FAMILY = {
     "tiny-bert": "bert",
     "all-minilm-l6-v2": "bert",
 }
+
+DATASET_ID = re.compile(r"ds_[0-9a-f]{16}")  # an uploaded data set (POST /v1/datasets)
+HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken"]  # config, weights, tokenizer
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")  # 'org/name' on the Hugging Face hub
 
 # Keys that would carry IBM credentials: those live in the cluster's saved account, never in a spec
 # (a spec is stored in the database and returned by the API).
@@ -96,6 +120,70 @@ def resolve_dataset(name_or_path: str) -> Path:
     return path
 
 
+def _under(name: str, roots, kind: str) -> Path | None:
+    """The real path of an absolute `name` when it lies under one of `roots` after symlinks and '..' are
+    resolved, and is a file (kind 'file') or a directory ('dir'); else None."""
+    if not roots or not name.startswith("/"):
+        return None
+    try:
+        real = Path(os.path.realpath(name))
+        if not any(real.is_relative_to(os.path.realpath(root)) for root in roots):
+            return None
+        return real if (real.is_file() if kind == "file" else real.is_dir()) else None
+    except (OSError, ValueError):
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Access:
+    """What one tenant's spec may name on this server (the control plane builds one per request and job).
+
+    `uploaded(id)` is the file of the tenant's own uploaded data set, or None (another tenant's or no such id).
+    Every lookup answers a server path or None, so absent and forbidden look the same to the caller."""
+
+    uploaded: Callable[[str], Path | None]
+    data_roots: tuple[Path, ...] = ()
+    model_roots: tuple[Path, ...] = ()
+    hub_cache: Path | None = None
+    hub_online: bool = False
+
+    def dataset(self, name: str) -> Path | None:
+        if name in SHARED_DATASETS:
+            path = shared_data_dir() / SHARED_DATASETS[name]
+            return path if _is(path, "file") else None
+        if DATASET_ID.fullmatch(name):
+            return self.uploaded(name)
+        return _under(name, self.data_roots, "file")
+
+    def model(self, name: str) -> str | None:
+        if name.lower() in KNOWN_MODELS:
+            return name.lower()
+        if name.startswith("/"):
+            found = _under(name, self.model_roots, "dir")
+            return None if found is None else str(found)
+        if HUB_ID.fullmatch(name):
+            return self._hub_snapshot(name)
+        return None
+
+    def _hub_snapshot(self, repo_id: str) -> str | None:
+        """The local snapshot of a hub model: downloaded when the server is online, else from its cache."""
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HFValidationError
+
+        try:
+            path = snapshot_download(
+                repo_id, cache_dir=self.hub_cache, local_files_only=not self.hub_online, allow_patterns=HUB_FILES
+            )
+        except (OSError, ValueError, HFValidationError):  # not cached, not on the hub, or no network
+            return None
+        return path if (Path(path) / "config.json").is_file() else None
+
+
+def hub_online() -> bool:
+    """The server may fetch hub models only when HF_HUB_OFFLINE is set to a false value (it is 1 by default)."""
+    return os.environ.get("HF_HUB_OFFLINE", "1").strip().lower() in ("0", "false", "no", "off")
+
+
 def default_target_modules(base_model: str) -> list[str] | None:
     family = _MODEL_FAMILY.get(base_model.lower())
     if family is None:  # a local checkpoint: guess from its config.json's model_type
@@ -108,8 +196,11 @@ def default_target_modules(base_model: str) -> list[str] | None:
 
 
 FIXES = {
-    "dataset_not_found": "name a shared data set or an existing local file",
-    "base_model": "use a known model name or the path of a local checkpoint",
+    "dataset_not_found": "upload the file (POST /v1/datasets, `qpeft data upload FILE`) and name its id, "
+    f"or name a shared data set ({', '.join(SHARED_DATASETS)})",
+    "base_model": f"use a known model ({', '.join(KNOWN_MODELS)}), a model directory the operator allowed, "
+    "or a hub id the server holds",
+    "resolved": "remove it: the server fills it in",
     "executor": "use an executor listed by GET /v1/backends",
     "secret_in_spec": "remove the credential; configure the IBM account on the cluster",
     "shots": "set shots (e.g. 1024) or use executor 'exact'",
@@ -130,10 +221,16 @@ class _Model(BaseModel):
 
 
 class DataSpec(_Model):
-    """Training (and evaluation) data: a shared-data name or a local file (.txt/.jsonl/.csv/.tsv)."""
+    """Training (and evaluation) data: an uploaded data set, a shared-data name or an allowed server file
+    (.txt/.jsonl/.csv/.tsv)."""
 
-    train: str = Field(min_length=1, description=f"shared-data name ({', '.join(SHARED_DATASETS)}) or a local path")
-    eval: str | None = Field(None, description="held-out data, same forms as train; none: evaluate on train")
+    train: str = Field(
+        min_length=1,
+        max_length=1000,
+        description=f"an uploaded data set's id (ds_...), a shared-data name ({', '.join(SHARED_DATASETS)}), "
+        "or a file under a root the operator allowed",
+    )
+    eval: str | None = Field(None, max_length=1000, description="held-out data, same forms as train; none: train")
     mode: Literal["packed", "lines"] = Field("packed", description="causal_lm: packed blocks or one line each")
     max_length: int = Field(128, strict=True, ge=8, le=8192, description="tokens per block / example")
     text_field: str | None = Field(None, description="column with the text (csv/tsv/jsonl); default text|sentence")
@@ -144,25 +241,13 @@ class DataSpec(_Model):
     eval_limit: int | None = Field(None, strict=True, ge=1, description="keep this many evaluation examples")
     num_labels: int = Field(2, strict=True, ge=2, le=1000, description="seq_cls: number of classes")
 
-    @field_validator("train", "eval")
-    @classmethod
-    def _exists(cls, v):
-        if v is None:
-            return v
-        try:
-            resolve_dataset(v)
-        except FileNotFoundError as e:
-            raise _err(
-                "dataset_not_found",
-                f"{e}; use a shared-data name ({', '.join(SHARED_DATASETS)}) or the path of a local file "
-                "readable by the cluster",
-            ) from None
-        return v
 
-    def path(self, which: str = "train") -> Path:
-        """The resolved file of `train` or `eval` (None when eval is not set)."""
-        value = getattr(self, which)
-        return None if value is None else resolve_dataset(value)
+class Resolved(_Model):
+    """Server paths the control plane resolved for one tenant's names; written into the trainer's spec file."""
+
+    train: str
+    eval: str | None = None
+    base_model: str
 
 
 class Scaling(_Model):
@@ -357,6 +442,7 @@ class JobSpec(_Model):
         strict=True,
         description="train until the budget runs out instead of refusing a job forecast to exceed it",
     )
+    resolved: SkipJsonSchema[Resolved | None] = None  # set by the control plane only (see the module docstring)
 
     @field_validator("dataset", mode="before")
     @classmethod
@@ -366,13 +452,50 @@ class JobSpec(_Model):
     @field_validator("base_model")
     @classmethod
     def _model(cls, v):
-        if v.lower() in KNOWN_MODELS:
-            return v.lower()
-        if not _is(_local(v), "exists"):
-            raise _err(
-                "base_model", f"{v!r} is neither a known model ({', '.join(KNOWN_MODELS)}) nor an existing local path"
+        return v.lower() if v.lower() in KNOWN_MODELS else v
+
+    @model_validator(mode="after")
+    def _resolve(self, info: ValidationInfo):
+        """Runs before _consistent (pydantic runs after-validators in order), which needs the model's location."""
+        context = info.context or {}
+        if self.resolved is not None and not context.get("trusted"):
+            raise _err("resolved", "resolved: the server sets this; a spec may not")
+        access = context.get("access")
+        if access is not None:
+            self.resolved = Resolved(
+                train=self._dataset_path(access, "train"),
+                eval=self._dataset_path(access, "eval"),
+                base_model=self._model_location(access),
             )
-        return v
+        return self
+
+    def _dataset_path(self, access: Access, which: str) -> str | None:
+        name = getattr(self.dataset, which)
+        if name is None:
+            return None
+        path = access.dataset(name)
+        if path is None:  # the same words whether it is absent or not the tenant's: no existence oracle
+            raise _err("dataset_not_found", f"dataset.{which}: data set {name!r} not found among yours")
+        return str(path)
+
+    def _model_location(self, access: Access) -> str:
+        where = access.model(self.base_model)
+        if where is None:
+            raise _err("base_model", f"base_model: model {self.base_model!r} not found; use a known model or yours")
+        return where
+
+    def model_location(self) -> str:
+        """Where the trainer loads base_model from: the resolved server path, else the name itself."""
+        return self.resolved.base_model if self.resolved else self.base_model
+
+    def data_path(self, which: str = "train") -> Path | None:
+        """The file of dataset.train / dataset.eval (None when eval is not set): the resolved server path, or
+        for a spec without one (library use on one's own machine) a shared name or a local path."""
+        if self.resolved is not None:
+            value = getattr(self.resolved, which)
+            return None if value is None else Path(value)
+        value = getattr(self.dataset, which)
+        return None if value is None else resolve_dataset(value)
 
     @field_validator("executor")
     @classmethod
@@ -424,7 +547,10 @@ class JobSpec(_Model):
                 raise _err("method_config", f"method_config.{key}: unknown field for {self.method}; known: {allowed}")
         _check_types(cls, cfg)
         if not cfg.get("target_modules"):
-            targets = default_target_modules(self.base_model)
+            known = self.base_model in _MODEL_FAMILY or self.resolved is not None
+            if not known:  # a name no one resolved yet (FastAPI's parse): the resolving pass fills this in
+                return cfg
+            targets = default_target_modules(self.model_location())
             if targets is None:
                 raise _err(
                     "method_config",
@@ -454,4 +580,5 @@ class JobSpec(_Model):
 
     @classmethod
     def load(cls, path) -> JobSpec:
-        return cls.model_validate_json(Path(path).read_text())
+        """The spec file the control plane wrote (trusted: its `resolved` paths are read as they are)."""
+        return cls.model_validate_json(Path(path).read_text(), context={"trusted": True})

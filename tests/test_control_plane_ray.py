@@ -42,6 +42,13 @@ def ray_app(tmp_path, url, ray_url, step_s=0.2):
     return create_app(settings)
 
 
+def real_trainer_settings(tmp_path, url, ray_url):
+    """Jobs run `python -m services.trainer`, the real trainer, instead of the stand-in."""
+    return make_settings(
+        tmp_path / "data", url, ray_address=ray_url, poll_s=0.5, trainer_command="{python} -m services.trainer"
+    )
+
+
 def final(client, key, job_id, timeout=90):
     def done():
         j = client.get(f"/v1/jobs/{job_id}", headers=key).json()
@@ -166,13 +173,7 @@ def test_cli(tmp_path, sqlite_url, ray_jobs_url):  # noqa: F811
 def test_real_trainer_end_to_end(tmp_path, sqlite_url, ray_jobs_url):  # noqa: F811
     """The same path with the real trainer (`python -m services.trainer`): Ray Train, the quantum pool on
     the "qpu" resource, shots through the SQL ledger, adapter and LoRA export as artifacts."""
-    settings = make_settings(
-        tmp_path / "data",
-        sqlite_url,
-        ray_address=ray_jobs_url,
-        poll_s=0.5,
-        trainer_command="{python} -m services.trainer",
-    )
+    settings = real_trainer_settings(tmp_path, sqlite_url, ray_jobs_url)
     spec = {
         **SPEC,
         "max_steps": 3,
@@ -190,3 +191,40 @@ def test_real_trainer_end_to_end(tmp_path, sqlite_url, ray_jobs_url):  # noqa: F
         assert {"adapter", "lora"} <= names
         points = c.get(f"/v1/jobs/{job['id']}/metrics", headers=key).json()["points"]
         assert [p["step"] for p in points] == [1, 2, 3]
+
+
+def test_real_trainer_on_an_upload_hides_its_cells(tmp_path, sqlite_url, ray_jobs_url):  # noqa: F811
+    """The issue's reproducer: an uploaded CSV whose label column holds text. The real trainer fails the job,
+    and neither its reason nor its log holds the cell's text; the same upload with integer labels trains."""
+    settings = real_trainer_settings(tmp_path, sqlite_url, ray_jobs_url)
+    secret = "marmalade-5521"
+    good = "text,label\n" + "".join(f"review {i} is {'good' if i % 2 else 'bad'},{i % 2}\n" for i in range(16))
+    bad = "text,label\n" + "".join(f"review {i},{secret if i == 3 else i % 2}\n" for i in range(16))
+    spec = {
+        "base_model": "tiny-bert",
+        "task": "seq_cls",
+        "method": "lora",
+        "method_config": {"r": 2},
+        "max_steps": 2,
+        "training": {"batch_size": 4, "eval_max_batches": 1},
+    }
+    with TestClient(create_app(settings)) as c:
+        key = new_tenant(c, "acme")
+        ids = {}
+        for name, body in (("good.csv", good), ("bad.csv", bad)):
+            r = c.post("/v1/datasets", params={"name": name}, content=body.encode(), headers=key)
+            assert r.status_code == 201 and secret not in r.text, r.text
+            ids[name] = r.json()["id"]
+
+        def run(name):  # one after the other: two trainers at once crowd the session's 2-CPU cluster
+            job = c.post("/v1/jobs", json={**spec, "dataset": {"train": ids[name], "limit": 16}}, headers=key).json()
+            return job["id"], final(c, key, job["id"], timeout=300)
+
+        bad_id, failed = run("bad.csv")
+        assert failed["state"] == "FAILED"
+        assert ids["bad.csv"] in failed["reason"] and "row 3" in failed["reason"] and "'label'" in failed["reason"]
+        logs = c.get(f"/v1/jobs/{bad_id}/logs", params={"tail": 10000}, headers=key).json()["lines"]
+        assert logs and secret not in failed["reason"] and all(secret not in line["line"] for line in logs)
+        assert str(settings.data_dir) not in failed["reason"]  # nor where the server keeps it
+        _, ok = run("good.csv")
+        assert ok["state"] == "SUCCEEDED", ok["reason"]

@@ -77,10 +77,15 @@ def test_dashboard_live(tmp_path, browser):
     settings = make_settings(tmp_path / "data", f"sqlite:///{tmp_path / 'qpeft.db'}", poll_s=0.2)
     with LiveServer(create_app(settings, ray=ray)) as server, httpx.Client(base_url=server.url, timeout=30) as api:
         key = new_tenant(api, "acme", shots=200_000)
+        upload = api.post("/v1/datasets", params={"name": "notes.txt"}, content=b"one\ntwo\n", headers=key)
+        dataset = upload.raise_for_status().json()["id"]
         browser.get(f"{server.url}/dashboard/#key={key['X-API-Key']}")
         assert "key=" not in browser.current_url  # the key is kept in the page, not left in the URL
         browser.execute_script("window.__loadedOnce = true")
 
+        ds_row = f'#datasets tr[data-dataset-id="{dataset}"]'
+        wait_for(lambda: text(browser, ds_row), timeout=20, what="the data set in the list")
+        assert text(browser, ds_row).startswith(f"notes.txt · {dataset}") and "text" in text(browser, ds_row)
         job = api.post("/v1/jobs", json={**SPEC, "name": "browser demo", "max_steps": 8}, headers=key).json()
         row = f'#jobs tr[data-job-id="{job["id"]}"]'
         wait_for(lambda: click(browser, row), timeout=20, what="the job in the list")

@@ -20,73 +20,113 @@ import torch
 IGNORE = -100  # the label value HF models leave out of the loss
 
 
-def _check(path) -> Path:
+def _check(path, name: str | None = None) -> Path:
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data path {str(path)!r} does not exist or is not a file; pass a local file")
+    if not path.is_file():  # `name` when given: a server's path is no business of whoever named the data
+        raise FileNotFoundError(f"data {name or str(path)!r} does not exist or is not a file; pass a local file")
     return path
 
 
-def _rows(path: Path) -> list[dict]:
+# Messages about a file's content name the data set, a row and a column, never a cell or a line: the data
+# may be a tenant's, and a job's errors are shown through the API.
+
+
+def _rows(path: Path, name: str) -> list[dict]:
     """Rows of a .jsonl / .csv / .tsv file as dicts (header row required for csv/tsv)."""
-    if path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
-    delimiter = "\t" if path.suffix == ".tsv" else ","
-    with open(path, encoding="utf-8", newline="") as f:
-        # QUOTE_NONE for TSV: SST-2 sentences contain bare double quotes that are not field quoting
-        reader = csv.DictReader(
-            f, delimiter=delimiter, quoting=csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
-        )
-        return list(reader)
+    try:
+        if path.suffix == ".jsonl":
+            return _json_rows(path, name)
+        delimiter = "\t" if path.suffix == ".tsv" else ","
+        with open(path, encoding="utf-8", newline="") as f:
+            # QUOTE_NONE for TSV: SST-2 sentences contain bare double quotes that are not field quoting
+            reader = csv.DictReader(
+                f, delimiter=delimiter, quoting=csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+            )
+            return list(reader)
+    except UnicodeDecodeError:
+        raise ValueError(f"data set {name!r} is not UTF-8 text; save it as UTF-8") from None
+    except csv.Error as e:  # csv's messages describe the format ("field larger than field limit"), not data
+        raise ValueError(f"data set {name!r} is not valid {path.suffix[1:]}: {e}") from None
 
 
-def _column(rows: list[dict], path: Path, field: str | None, what: str, default=("text", "sentence")) -> str:
+class NotJSONObject(ValueError):
+    pass
+
+
+def json_objects(lines):
+    """(line, object) for each non-blank line of a JSONL file; NotJSONObject names the first other line."""
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if not isinstance(row, dict):
+            raise NotJSONObject(f"line {number}: not a JSON object; write one object per line")
+        yield line, row
+
+
+def _json_rows(path: Path, name: str) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        try:
+            return [row for _, row in json_objects(f)]
+        except NotJSONObject as e:
+            raise ValueError(f"data set {name!r} {e}") from None
+
+
+def _column(rows: list[dict], name: str, field: str | None, what: str, default=("text", "sentence")) -> str:
     if not rows:
-        raise ValueError(f"{path.name} has no data rows; pass a file with a header and at least one row")
+        raise ValueError(f"data set {name!r} has no data rows; pass a file with a header and at least one row")
     columns = list(rows[0].keys())
     if field is None:
         field = next((c for c in default if c in columns), None)
     if field not in columns:
-        raise KeyError(
-            f"{path.name} has no {what} column {field!r} (columns: {columns}); pass {what}_field= one of them"
-        )
+        wanted = f"column {field!r}" if field else f"column named {' or '.join(map(repr, default))}"
+        raise KeyError(f"data set {name!r} has no {what} {wanted}; pass {what}_field naming a column of its header")
     return field
 
 
-def read_texts(path, text_field: str | None = None) -> list[str]:
+def read_texts(path, text_field: str | None = None, name: str | None = None) -> list[str]:
     """Texts from .txt (one per line, as in the file), .jsonl, .csv or .tsv (column `text_field`,
-    default 'text' or 'sentence')."""
-    path = _check(path)
+    default 'text' or 'sentence'). `name` labels the data set in errors (default: the file's name)."""
+    path = _check(path, name)
+    name = name or path.name
     if path.suffix not in (".jsonl", ".csv", ".tsv"):
-        with open(path, encoding="utf-8") as f:
-            return [line.rstrip("\n") for line in f]
-    rows = _rows(path)
-    field = _column(rows, path, text_field, "text")
+        try:
+            with open(path, encoding="utf-8") as f:
+                return [line.rstrip("\n") for line in f]
+        except UnicodeDecodeError:
+            raise ValueError(f"data set {name!r} is not UTF-8 text; save it as UTF-8") from None
+    rows = _rows(path, name)
+    field = _column(rows, name, text_field, "text")
     return [str(r[field]) for r in rows]
 
 
-def read_labeled(path, text_field: str | None = None, label_field: str = "label", limit=None, seed: int = 0):
+def read_labeled(path, text_field: str | None = None, label_field: str = "label", limit=None, seed: int = 0, name=None):
     """(text, int label) pairs from a .tsv/.csv/.jsonl with a header, e.g. SST-2 (sentence<TAB>label).
 
     `limit` keeps a seeded random subset of that many rows, in file order, so a subset is the same on
-    every machine and every run with the same seed."""
-    path = _check(path)
+    every machine and every run with the same seed. `name` labels the data set in errors."""
+    path = _check(path, name)
+    name = name or path.name
     if path.suffix not in (".jsonl", ".csv", ".tsv"):
-        raise ValueError(f"{path.name}: classification data must be .tsv, .csv or .jsonl with a label column")
-    rows = _rows(path)
-    tfield = _column(rows, path, text_field, "text")
-    lfield = _column(rows, path, label_field, "label", default=())
+        raise ValueError(f"data set {name!r}: classification data must be .tsv, .csv or .jsonl with a label column")
+    rows = _rows(path, name)
+    tfield = _column(rows, name, text_field, "text")
+    lfield = _column(rows, name, label_field, "label", default=())
+    numbers = range(len(rows))  # data-row numbers in the file, for messages
     if limit is not None and limit < len(rows):
-        keep = sorted(random.Random(seed).sample(range(len(rows)), limit))
-        rows = [rows[i] for i in keep]
+        numbers = sorted(random.Random(seed).sample(range(len(rows)), limit))
     out = []
-    for i, r in enumerate(rows):
+    for i in numbers:
+        r = rows[i]
         try:
             out.append((str(r[tfield]), int(r[lfield])))
         except (TypeError, ValueError):
             raise ValueError(
-                f"{path.name} row {i}: label {r[lfield]!r} in column {lfield!r} is not an integer"
+                f"data set {name!r} row {i}: the label in column {lfield!r} is not an integer; "
+                "labels are class numbers 0, 1, ..."
             ) from None
     return out
 
@@ -172,15 +212,16 @@ def load_data(
     seed: int = 0,
     max_tokens: int | None = None,
     pad_in_loss: bool = False,
+    name: str | None = None,
 ) -> TokenData:
     """One call from a file to a TokenData. task 'causal_lm' with mode 'packed' (blocks of max_length) or
     'lines' (one padded example per line); task 'seq_cls' reads (text, label) rows. `limit` keeps a seeded
-    subset of lines/rows."""
+    subset of lines/rows. `name` labels the data set in errors (default: the file's name)."""
     if task == "seq_cls":
-        return cls_examples(read_labeled(path, text_field, label_field, limit, seed), tokenizer, max_length)
+        return cls_examples(read_labeled(path, text_field, label_field, limit, seed, name), tokenizer, max_length)
     if task != "causal_lm":
         raise ValueError(f"task={task!r} is not supported; use 'causal_lm' or 'seq_cls'")
-    texts = read_texts(path, text_field)
+    texts = read_texts(path, text_field, name)
     if limit is not None and limit < len(texts):
         texts = [texts[i] for i in sorted(random.Random(seed).sample(range(len(texts)), limit))]
     if mode == "packed":

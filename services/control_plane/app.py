@@ -27,7 +27,7 @@ from .limits import ClusterCapacity
 from .metrics import LatencyMiddleware, Metrics
 from .models import ApiKey, Budget, Tenant
 from .ray_jobs import RayJobs, Reconciler
-from .routers import backends, estimate, job_outputs, jobs, ops, tenants
+from .routers import backends, datasets, estimate, job_outputs, jobs, ops, tenants
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ def create_app(settings: Settings | None = None, ray: RayJobs | None = None, rec
     st.capacity = ClusterCapacity(st)
     app.add_middleware(BodyLimitMiddleware, fastapi_app=app)
     app.add_middleware(LatencyMiddleware, metrics=st.metrics)  # outermost: 413s are observed too
-    for r in (jobs, job_outputs, tenants, estimate, backends, ops):
+    for r in (jobs, job_outputs, datasets, tenants, estimate, backends, ops):
         app.include_router(r.router)
     app.mount("/dashboard", StaticFiles(directory=DASHBOARD, html=True), name="dashboard")
     return app

@@ -73,7 +73,7 @@ def _target_dims(base_model: str, task: str, num_labels: int, targets: str) -> t
 
 def target_dims(spec: JobSpec, targets) -> tuple[tuple[int, int], ...]:
     try:
-        return _target_dims(spec.base_model, spec.task, spec.dataset.num_labels, json.dumps(targets))
+        return _target_dims(spec.model_location(), spec.task, spec.dataset.num_labels, json.dumps(targets))
     except Exception as e:  # a user-given checkpoint can fail to load in many ways: all of them are 422s
         raise ApiError(
             422,

@@ -163,3 +163,21 @@ class JobArtifact(Base):
     name: Mapped[str] = mapped_column(String(200))
     path: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=now)
+
+
+class Dataset(Base):
+    """A tenant's uploaded data set; its file is `path` (under the data dir), written whole before the row."""
+
+    __tablename__ = "datasets"
+    __table_args__ = (Index("ix_datasets_tenant_created", "tenant", "created_at"),)
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    tenant: Mapped[str] = mapped_column(ForeignKey("tenants.name", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(200))  # the uploader's file name, for lists
+    format: Mapped[str] = mapped_column(String(8))  # text | tsv | csv | jsonl
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    rows: Mapped[int] = mapped_column(BigInteger)
+    columns: Mapped[list | None] = mapped_column(JSON)  # per-column statistics (tabular formats)
+    stats: Mapped[dict] = mapped_column(JSON)
+    path: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=now)

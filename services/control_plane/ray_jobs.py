@@ -304,10 +304,18 @@ class Reconciler:
             ingest(db, job, new, self.settings.job_dir(job.id), self.secrets)
 
     def _submit(self, db, job: Job) -> None:
-        from services.jobspec import JobSpec
+        from pydantic import ValidationError
 
+        from .access import resolve_spec
+
+        try:  # resolved again for the job's tenant: the trainer reads only the paths written here
+            spec = resolve_spec(job.spec, self.settings, db, job.tenant)
+        except ValidationError as e:  # e.g. an operator took a data root away while the job queued
+            problems = "; ".join(err["msg"] for err in e.errors(include_url=False, include_input=False))
+            self._finish(db, job, "FAILED", f"the spec no longer validates: {problems}"[:1000])
+            return
         jdir = self.settings.job_dir(job.id)
-        spec_path = JobSpec.model_validate(job.spec).dump(jdir / "spec.json")
+        spec_path = spec.dump(jdir / "spec.json")
         (jdir / "artifacts").mkdir(parents=True, exist_ok=True)
         entry = self.settings.trainer_command.format(python=shlex.quote(self.settings.python))
         env = {

@@ -198,6 +198,37 @@ class Estimate(Forecast):
     fits_budget: bool
 
 
+class DatasetColumn(BaseModel):
+    name: str
+    non_empty: int = Field(description="rows with a non-blank value")
+    integers: int = Field(description="rows whose value reads as an integer (a class label)")
+    max_chars: int
+
+
+class Dataset(BaseModel):
+    """An uploaded data set. Statistics are counts; no value of the file is ever returned."""
+
+    id: str = Field(description="name it in a JobSpec as dataset.train or dataset.eval")
+    name: str = Field(description="the file name given at upload")
+    format: Literal["text", "tsv", "csv", "jsonl"]
+    size_bytes: int
+    sha256: str
+    rows: int = Field(description="lines (text), data rows below the header (csv/tsv), objects (jsonl)")
+    empty_rows: int
+    max_chars: int = Field(description="the longest row, in characters")
+    columns: list[DatasetColumn] | None = Field(description="csv/tsv/jsonl: each column's counts; text: null")
+    created_at: datetime
+    used_by: list[str] = Field(description="ids of this tenant's queued or running jobs that name it")
+
+
+class DatasetPage(BaseModel):
+    items: list[Dataset]
+    total: int
+    limit: int
+    offset: int
+    next_offset: int | None
+
+
 class Info(BaseModel):
     version: str
     mode: Literal["embedded", "cluster"]

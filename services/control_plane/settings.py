@@ -21,6 +21,11 @@ def _default_data_dir() -> Path:
     return Path(base) / "qpeft"
 
 
+def _paths(value: str | None) -> list[str] | None:
+    """QPEFT_DATA_ROOTS=/a:/b (os.pathsep-separated)."""
+    return [p for p in value.split(os.pathsep) if p] if value else None
+
+
 class Settings(BaseModel):
     data_dir: Path = Field(default_factory=_default_data_dir)
     database_url: str | None = None  # None: sqlite file under data_dir
@@ -43,6 +48,12 @@ class Settings(BaseModel):
     cluster_gpus: int | None = Field(None, ge=0)
     # IBM devices jobs may name when the API holds no IBM account (only the quantum workers do)
     ibm_backends: list[str] = Field(default_factory=list)
+    max_upload_bytes: int = 200 * 2**20  # largest data set a tenant may upload
+    # Server folders whose files (data) and checkpoint directories (models) a spec may name by path; none by
+    # default: tenants upload data (POST /v1/datasets) and name known models.
+    data_roots: list[Path] = Field(default_factory=list)
+    model_roots: list[Path] = Field(default_factory=list)
+    hub_cache: Path | None = None  # Hugging Face hub cache for hub ids (None: the hub library's default)
 
     @property
     def embedded(self) -> bool:
@@ -60,6 +71,10 @@ class Settings(BaseModel):
 
     def job_dir(self, job_id: str) -> Path:
         return (self.data_dir / "jobs" / job_id).resolve()
+
+    def datasets_dir(self, tenant: str) -> Path:
+        """A tenant's uploaded data sets: beside the job folders, so on the storage the Ray nodes share."""
+        return (self.data_dir / "datasets" / tenant).resolve()
 
     def resolved_pepper(self) -> str:
         """The server pepper for API-key hashes; generated once and kept beside the database."""
@@ -96,6 +111,10 @@ class Settings(BaseModel):
             "ibm_backends": env["QPEFT_IBM_BACKENDS"].replace(",", " ").split()
             if env.get("QPEFT_IBM_BACKENDS")
             else None,
+            "max_upload_bytes": env.get("QPEFT_MAX_UPLOAD_BYTES"),
+            "data_roots": _paths(env.get("QPEFT_DATA_ROOTS")),
+            "model_roots": _paths(env.get("QPEFT_MODEL_ROOTS")),
+            "hub_cache": env.get("QPEFT_HUB_CACHE"),
         }
         values = {k: v for k, v in values.items() if v is not None}
         values.update(overrides)

@@ -118,7 +118,9 @@ class SharedQNN:
 
 
 def build_model(spec: JobSpec, device):
-    model, tok = load_model(spec.base_model, spec.task, spec.dataset.num_labels, device=device, seed=spec.training.seed)
+    model, tok = load_model(
+        spec.model_location(), spec.task, spec.dataset.num_labels, device=device, seed=spec.training.seed
+    )
     cfg = spec.adapter_config()
     if spec.method == "lora":
         model = make_lora_model(
@@ -135,8 +137,11 @@ def build_data(spec: JobSpec, tok):
     d = spec.dataset
     kw = {"task": spec.task, "mode": d.mode, "max_length": d.max_length, "text_field": d.text_field}
     kw |= {"label_field": d.label_field, "seed": spec.training.seed}
-    train = load_data(d.path("train"), tok, limit=d.limit, **kw)
-    held_out = load_data(d.path("eval") or d.path("train"), tok, limit=d.eval_limit, **kw)
+    # errors name the data set as the spec does (its id or shared name), never the server path
+    train = load_data(spec.data_path("train"), tok, limit=d.limit, name=d.train, **kw)
+    held_out = load_data(
+        spec.data_path("eval") or spec.data_path("train"), tok, limit=d.eval_limit, name=d.eval or d.train, **kw
+    )
     return train, held_out
 
 
@@ -157,7 +162,7 @@ def write_artifacts(raw, tok, root: Path) -> dict[str, Path]:
 
 
 def train_loop_per_worker(config: dict) -> None:
-    spec = JobSpec.model_validate(config["spec"])
+    spec = JobSpec.model_validate(config["spec"], context={"trusted": True})  # the driver's own spec file
     tc = spec.training
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()

@@ -101,6 +101,28 @@ function renderJobs() {
   $("#no-jobs").hidden = state.jobs.length > 0;
 }
 
+// --- data sets -----------------------------------------------------------------------------------
+async function loadDatasets() {
+  try {
+    const page = await (await api("/v1/datasets?limit=200")).json();
+    const body = $("#datasets tbody");
+    body.replaceChildren();
+    for (const d of page.items) {
+      const tr = document.createElement("tr");
+      tr.dataset.datasetId = d.id;
+      const cells = [`${d.name} · ${d.id}`, d.format, fmt(d.rows), `${fmt(d.size_bytes)} B`, d.used_by.join(", ") || "-"];
+      for (const text of cells) {
+        const td = document.createElement("td");
+        td.textContent = text;
+        tr.appendChild(td);
+      }
+      tr.title = `sha256 ${d.sha256}`;
+      body.appendChild(tr);
+    }
+    $("#no-datasets").hidden = page.items.length > 0;
+  } catch (e) { /* no key yet */ }
+}
+
 async function loadBudget() {
   try {
     const b = await (await api("/v1/budget")).json();
@@ -293,11 +315,15 @@ function start() {
   if (!apiKey()) { setConn(false); return; }
   loadInfo();
   loadBudget();
+  loadDatasets();
+  clearInterval(state.datasetTimer);
+  state.datasetTimer = setInterval(loadDatasets, 10000);  // uploads change no job: poll for them
   state.listStream = stream("/v1/events", (name, data) => {
     if (name !== "jobs") return;
     state.jobs = data;
     renderJobs();
     loadBudget();
+    loadDatasets();  // "used by" follows the jobs
   });
 }
 

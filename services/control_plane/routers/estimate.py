@@ -7,7 +7,8 @@ from fastapi import APIRouter, Request
 from services.jobspec import JobSpec
 
 from .. import schemas
-from ..auth import SessionReleasingRoute, TenantName
+from ..access import tenant_spec
+from ..auth import Db, SessionReleasingRoute, TenantName
 from ..forecast import forecast
 from ..limits import check_fits
 
@@ -20,7 +21,8 @@ router = APIRouter(route_class=SessionReleasingRoute, tags=["estimate"])
     responses=schemas.errors(401, 403, 422),
     summary="Forecast a job's shots (and QPU seconds on IBM devices), with the formula",
 )
-def estimate(spec: JobSpec, request: Request, tenant: TenantName) -> schemas.Estimate:
+def estimate(spec: JobSpec, request: Request, db: Db, tenant: TenantName) -> schemas.Estimate:
+    spec = tenant_spec(spec, request.app.state.settings, db, tenant)
     check_fits(request, spec)
     fc = forecast(spec)
     acc = request.app.state.ledger.account(tenant)

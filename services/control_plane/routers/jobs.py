@@ -15,6 +15,7 @@ from sqlalchemy.exc import IntegrityError
 from services.jobspec import JobSpec
 
 from .. import schemas
+from ..access import tenant_spec
 from ..auth import Db, SessionReleasingRoute, TenantName
 from ..errors import ApiError
 from ..forecast import forecast
@@ -125,7 +126,8 @@ def submit(
         ),
     ] = None,
 ) -> schemas.Job:
-    body = spec.model_dump(mode="json")
+    spec = tenant_spec(spec, request.app.state.settings, db, tenant)
+    body = spec.model_dump(mode="json", exclude={"resolved"})  # the tenant's names; the paths stay server-side
     digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
     if idempotency_key:
         earlier = db.scalar(select(Job).where(Job.tenant == tenant, Job.idempotency_key == idempotency_key))
