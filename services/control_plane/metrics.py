@@ -63,6 +63,9 @@ class Metrics:
         self.reconcile_errors = Counter(
             "qpeft_reconcile_errors", "Reconciler passes that failed", registry=self.registry
         )
+        self.resubmitted = Counter(
+            "qpeft_jobs_resubmitted", "Jobs resubmitted to Ray after their driver died", registry=self.registry
+        )
         self.registry.register(DbCollector(sessions))
 
 

@@ -35,6 +35,7 @@ class Settings(BaseModel):
     start_ray: bool = True  # embedded mode may start a Ray head; False: never (tests, readonly tools)
     ray_num_cpus: int | None = None  # embedded head's CPUs (None: all)
     ray_qpu_slots: int = 2  # embedded head's "qpu" resource: concurrent quantum workers
+    max_attempts: int = Field(3, ge=1)  # Ray submissions per job when its driver dies (killed, node lost)
 
     @property
     def embedded(self) -> bool:
@@ -81,6 +82,7 @@ class Settings(BaseModel):
             "poll_s": env.get("QPEFT_POLL_S"),
             "ray_num_cpus": env.get("QPEFT_RAY_NUM_CPUS"),
             "ray_qpu_slots": env.get("QPEFT_RAY_QPU_SLOTS"),
+            "max_attempts": env.get("QPEFT_MAX_ATTEMPTS"),
         }
         values = {k: v for k, v in values.items() if v is not None}
         values.update(overrides)
