@@ -367,7 +367,8 @@ def test_only_a_killed_driver_is_resubmitted(tmp_path, sqlite_url):  # noqa: F81
             ray.emit(f"qpeft-{jid}", ev("progress", step=2, max_steps=5, loss=1.0), "a plain line")
         rec.reconcile_once()
         held = c.app.state.ledger.reserve(f"job:{killed}", 300)  # a pool call in flight when the driver dies
-        ray.jobs[f"qpeft-{killed}"].update(status="FAILED", message="exit code -9", exit_code=-9)
+        ray.emit(f"qpeft-{killed}", "last words", status="FAILED")  # read in the same pass as its end
+        ray.jobs[f"qpeft-{killed}"].update(message="exit code -9", exit_code=-9)
         ray.jobs[f"qpeft-{node_lost}"].update(status="FAILED", error_type="JOB_SUPERVISOR_ACTOR_DIED")
         ray.jobs[f"qpeft-{crashed}"].update(status="FAILED", message="exit code 1", exit_code=1)
         ray.emit(f"qpeft-{told}", ev("result", state="FAILED", reason="bad data"), status="FAILED")
@@ -389,9 +390,9 @@ def test_only_a_killed_driver_is_resubmitted(tmp_path, sqlite_url):  # noqa: F81
         ray.emit(f"qpeft-{killed}-2", "resumed", ev("progress", step=3, max_steps=5, loss=0.9))
         rec.reconcile_once()
         lines = c.get(f"/v1/jobs/{killed}/logs", headers=a).json()["lines"]
-        assert [x["seq"] for x in lines] == [2, 3, 4]
-        assert lines[0]["line"] == "a plain line" and lines[2]["line"] == "resumed"
-        assert "attempt 1 of 2 ended when its driver died (exit code -9)" in lines[1]["line"]
+        assert [x["seq"] for x in lines] == [2, 3, 4, 5]
+        assert [lines[i]["line"] for i in (0, 1, 3)] == ["a plain line", "last words", "resumed"]
+        assert "attempt 1 of 2 ended when its driver died (exit code -9)" in lines[2]["line"]
         assert c.get(f"/v1/jobs/{killed}", headers=a).json()["step"] == 3
         # max_attempts=2: a second death ends the job
         ray.jobs[f"qpeft-{killed}-2"].update(status="FAILED", message="exit code -9", exit_code=-9)

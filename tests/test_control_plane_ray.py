@@ -209,3 +209,40 @@ def test_real_trainer_end_to_end(tmp_path, sqlite_url, ray_jobs_url):  # noqa: F
         assert {"adapter", "lora"} <= names
         points = c.get(f"/v1/jobs/{job['id']}/metrics", headers=key).json()["points"]
         assert [p["step"] for p in points] == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_real_trainer_resumes_after_its_driver_is_killed(tmp_path, sqlite_url, ray_jobs_url):  # noqa: F811
+    """The real trainer, its driver SIGKILLed once step 3 is under way (so the checkpoint of step 2 is committed):
+    attempt 2 is restored by Ray Train from its last checkpoint (same run name and storage) and finishes the job."""
+    import psutil
+
+    settings = make_settings(
+        tmp_path / "data",
+        sqlite_url,
+        ray_address=ray_jobs_url,
+        poll_s=0.5,
+        trainer_command="{python} -m services.trainer",
+    )
+    spec = {
+        **SPEC,
+        "max_steps": 5,
+        "shots": 64,
+        "dataset": {"train": "tinyshakespeare", "limit": 200, "max_length": 32},
+        "training": {"save_every": 1},
+    }
+    with TestClient(create_app(settings)) as c:
+        key = new_tenant(c, "acme", shots=100_000)
+        job_id = c.post("/v1/jobs", json=spec, headers=key).json()["id"]
+        wait_for(lambda: c.get(f"/v1/jobs/{job_id}", headers=key).json()["step"] >= 3, timeout=300, what="step 3")
+        spec_path = str(tmp_path / "data" / "jobs" / job_id / "spec.json")
+        drivers = [p for p in psutil.process_iter(["cmdline"]) if spec_path in (p.info["cmdline"] or [])]
+        assert len(drivers) == 1, drivers
+        drivers[0].kill()
+        j = final(c, key, job_id, timeout=400)
+        assert (j["state"], j["attempt"], j["step"]) == ("SUCCEEDED", 2, 5), j["reason"]
+        lines = [x["line"] for x in c.get(f"/v1/jobs/{job_id}/logs?tail=1000", headers=key).json()["lines"]]
+        resumed = [int(x.rsplit(" ", 1)[1]) for x in lines if "resumed from the checkpoint of step" in x]
+        assert resumed and min(resumed) >= 2, lines  # not from 0: from the checkpoint of step 2 or 3
+        assert j["shots"]["reserved"] == 0
+        assert j["shots"]["spent"] + j["shots"]["lost"] >= j["shots"]["forecast"]

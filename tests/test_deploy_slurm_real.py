@@ -25,7 +25,7 @@ import pytest
 
 from tests.slurm_support import SlurmCluster, why_not
 from tests.test_control_plane_support import SPEC, wait_for
-from tests.test_deploy_slurm import free_job_id
+from tests.test_deploy_slurm import finished_job, free_job_id, new_tenant_when_ready, ray_nodes, read_connection_file
 
 ROOT = Path(__file__).resolve().parents[1]
 SBATCH = ROOT / "deploy" / "slurm" / "qpeft.sbatch"
@@ -84,22 +84,11 @@ def test_sbatch_on_a_real_slurm(tmp_path, shared_data):
             conn = data / f"cluster-{job}.env"
             wait_for(lambda: conn.exists() or state() not in ("PENDING", "RUNNING"), 300, 1, "the cluster")
             assert state() == "RUNNING", logs()
-            assert conn.stat().st_mode & 0o077 == 0
-            info = dict(line.split("=", 1) for line in conn.read_text().splitlines())
+            info = read_connection_file(conn)
             assert info["RAY_AUTH_TOKEN"] and info["RAY_ADDRESS"].startswith("http://127.0.0.1:")
             assert info["QPEFT_URL"] == f"http://127.0.0.1:{20000 + (job % 400) * 100 + 3}"  # Slurm's NodeAddr
             bearer = {"Authorization": f"Bearer {info['RAY_AUTH_TOKEN']}"}
-
-            def alive():
-                try:
-                    r = httpx.get(f"{info['RAY_ADDRESS']}/api/v0/nodes", params={"detail": 1}, headers=bearer)
-                except httpx.TransportError:
-                    return None
-                found = [n for n in r.json()["data"]["result"]["result"] if n["state"] == "ALIVE"]
-                return found if len(found) == 2 else None
-
-            nodes = wait_for(alive, timeout=120, interval=2, what="the quantum node to join")
-            assert httpx.get(f"{info['RAY_ADDRESS']}/api/v0/nodes", timeout=30).status_code == 401
+            nodes = ray_nodes(info)
             by_role = {("qpu" if n["resources_total"].get("qpu") else "head"): n for n in nodes}
             assert by_role["head"]["resources_total"].get("CPU") == 2.0  # the allocation's CPUs on the node
             assert (
@@ -120,18 +109,7 @@ def test_sbatch_on_a_real_slurm(tmp_path, shared_data):
             assert placed == {"head": "n1", "qpu": "n2", "api": "n1"}, placed
 
             with httpx.Client(base_url=info["QPEFT_URL"], timeout=30) as c:
-
-                def serving():
-                    try:
-                        return c.get("/readyz").status_code == 200
-                    except httpx.TransportError:
-                        return False
-
-                wait_for(serving, timeout=120, what="the API")
-                admin = {"X-API-Key": info["QPEFT_ADMIN_KEY"]}
-                r = c.post("/v1/tenants", json={"name": "hpc", "shots": 10**6}, headers=admin)
-                assert r.status_code == 201, r.text
-                key = {"X-API-Key": r.json()["api_key"]}
+                key = new_tenant_when_ready(c, info)
                 spec = {
                     **SPEC,
                     "max_steps": 3,
@@ -139,12 +117,7 @@ def test_sbatch_on_a_real_slurm(tmp_path, shared_data):
                     "dataset": {"train": "tinyshakespeare", "limit": 200, "max_length": 32},
                 }
                 submitted = c.post("/v1/jobs", json=spec, headers=key).json()
-
-                def finished():
-                    j = c.get(f"/v1/jobs/{submitted['id']}", headers=key).json()
-                    return j if j["state"] not in ("QUEUED", "RUNNING") else None
-
-                j = wait_for(finished, timeout=400, interval=2, what="the QPA job")
+                j = finished_job(c, key, submitted["id"], timeout=400)
                 assert j["state"] == "SUCCEEDED", (j["reason"], logs())
                 assert j["step"] == 3 and j["shots"]["spent"] == submitted["shots"]["forecast"] == 3 * 17 * 64
                 assert j["shots"]["reserved"] == 0

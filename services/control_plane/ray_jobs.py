@@ -324,6 +324,7 @@ class Reconciler:
     def _next_attempt(self, db, job: Job, message: str | None) -> None:
         """Charge the dead attempt's shots in flight as lost, record why, and queue a fresh Ray submission; the
         trainer resumes from the job's last checkpoint (Ray Train restores its run by name and storage)."""
+        db.commit()  # the log lines just read first: the ledger writes on its own connection (SQLite: one writer)
         self._release_open(db, job)
         why = (message or "the driver died").strip().splitlines()[0][:300]
         nxt = job.attempt + 1
