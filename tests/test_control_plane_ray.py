@@ -45,6 +45,25 @@ def ray_app(tmp_path, url, ray_url, step_s=0.2, **job_env):
     return create_app(settings)
 
 
+REAL_SPEC = {**SPEC, "shots": 64, "dataset": {"train": "tinyshakespeare", "limit": 200, "max_length": 32}}
+
+
+def real_trainer_settings(tmp_path, url, ray_url):
+    return make_settings(
+        tmp_path / "data", url, ray_address=ray_url, poll_s=0.5, trainer_command="{python} -m services.trainer"
+    )
+
+
+def kill_driver(tmp_path, job_id: str) -> None:
+    """SIGKILL the job's driver: the Ray job entrypoint, the one process whose command line names its spec."""
+    import psutil
+
+    spec = str(tmp_path / "data" / "jobs" / job_id / "spec.json")
+    drivers = [p for p in psutil.process_iter(["cmdline"]) if spec in (p.info["cmdline"] or [])]
+    assert len(drivers) == 1, drivers
+    drivers[0].kill()
+
+
 def final(client, key, job_id, timeout=90):
     def done():
         j = client.get(f"/v1/jobs/{job_id}", headers=key).json()
@@ -113,8 +132,6 @@ def test_restart_picks_up_a_job_that_finished_meanwhile(tmp_path, sqlite_url, ra
 def test_a_job_outlives_its_driver(tmp_path, sqlite_url, ray_jobs_url):  # noqa: F811
     """SIGKILL the job's driver (the Ray job entrypoint) in the middle of a step: the control plane submits the
     job again, the trainer resumes from its checkpoint, and the killed step's shots are charged as lost once."""
-    import psutil
-
     # attempt 1 checkpoints steps 1 and 2, then holds step 3's shots in a pool call that never returns
     with TestClient(ray_app(tmp_path, sqlite_url, ray_jobs_url, QPEFT_STANDIN_HANG_AT="3")) as c:
         key = new_tenant(c, "acme", shots=100_000)
@@ -125,10 +142,7 @@ def test_a_job_outlives_its_driver(tmp_path, sqlite_url, ray_jobs_url):  # noqa:
             return j["step"] == 2 and j["shots"]["reserved"] == 300
 
         wait_for(hanging, timeout=60, what="step 3's pool call")
-        spec = str(tmp_path / "data" / "jobs" / job_id / "spec.json")
-        drivers = [p for p in psutil.process_iter(["cmdline"]) if spec in (p.info["cmdline"] or [])]
-        assert len(drivers) == 1, drivers
-        drivers[0].kill()
+        kill_driver(tmp_path, job_id)
         j = final(c, key, job_id)
         assert (j["state"], j["attempt"], j["step"]) == ("SUCCEEDED", 2, 5), j["reason"]
         # five steps paid once each, plus the killed call as lost; nothing held, nothing charged twice
@@ -185,19 +199,8 @@ def test_cli(tmp_path, sqlite_url, ray_jobs_url):  # noqa: F811
 def test_real_trainer_end_to_end(tmp_path, sqlite_url, ray_jobs_url):  # noqa: F811
     """The same path with the real trainer (`python -m services.trainer`): Ray Train, the quantum pool on
     the "qpu" resource, shots through the SQL ledger, adapter and LoRA export as artifacts."""
-    settings = make_settings(
-        tmp_path / "data",
-        sqlite_url,
-        ray_address=ray_jobs_url,
-        poll_s=0.5,
-        trainer_command="{python} -m services.trainer",
-    )
-    spec = {
-        **SPEC,
-        "max_steps": 3,
-        "shots": 64,
-        "dataset": {"train": "tinyshakespeare", "limit": 200, "max_length": 32},
-    }
+    settings = real_trainer_settings(tmp_path, sqlite_url, ray_jobs_url)
+    spec = {**REAL_SPEC, "max_steps": 3}
     with TestClient(create_app(settings)) as c:
         key = new_tenant(c, "acme", shots=100_000)
         job = c.post("/v1/jobs", json=spec, headers=key).json()
@@ -215,30 +218,13 @@ def test_real_trainer_end_to_end(tmp_path, sqlite_url, ray_jobs_url):  # noqa: F
 def test_real_trainer_resumes_after_its_driver_is_killed(tmp_path, sqlite_url, ray_jobs_url):  # noqa: F811
     """The real trainer, its driver SIGKILLed once step 3 is under way (so the checkpoint of step 2 is committed):
     attempt 2 is restored by Ray Train from its last checkpoint (same run name and storage) and finishes the job."""
-    import psutil
-
-    settings = make_settings(
-        tmp_path / "data",
-        sqlite_url,
-        ray_address=ray_jobs_url,
-        poll_s=0.5,
-        trainer_command="{python} -m services.trainer",
-    )
-    spec = {
-        **SPEC,
-        "max_steps": 5,
-        "shots": 64,
-        "dataset": {"train": "tinyshakespeare", "limit": 200, "max_length": 32},
-        "training": {"save_every": 1},
-    }
+    settings = real_trainer_settings(tmp_path, sqlite_url, ray_jobs_url)
+    spec = {**REAL_SPEC, "max_steps": 5, "training": {"save_every": 1}}
     with TestClient(create_app(settings)) as c:
         key = new_tenant(c, "acme", shots=100_000)
         job_id = c.post("/v1/jobs", json=spec, headers=key).json()["id"]
         wait_for(lambda: c.get(f"/v1/jobs/{job_id}", headers=key).json()["step"] >= 3, timeout=300, what="step 3")
-        spec_path = str(tmp_path / "data" / "jobs" / job_id / "spec.json")
-        drivers = [p for p in psutil.process_iter(["cmdline"]) if spec_path in (p.info["cmdline"] or [])]
-        assert len(drivers) == 1, drivers
-        drivers[0].kill()
+        kill_driver(tmp_path, job_id)
         j = final(c, key, job_id, timeout=400)
         assert (j["state"], j["attempt"], j["step"]) == ("SUCCEEDED", 2, 5), j["reason"]
         lines = [x["line"] for x in c.get(f"/v1/jobs/{job_id}/logs?tail=1000", headers=key).json()["lines"]]
