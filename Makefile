@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml $(LOCK) requirements/no-d
 TORCH_INDEX ?=
 TORCH_PIP := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 
-.PHONY: install lock browser deploy-tools test lint format demo bench clean
+.PHONY: install lock browser deploy-tools slurm-tools test lint format demo bench clean
 
 $(STAMP): pyproject.toml $(LOCK) requirements/no-deps.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -49,6 +49,14 @@ deploy-tools:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo -n ); \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq shellcheck >/dev/null; }
 
+# The real-Slurm test (tests/test_deploy_slurm_real.py) runs Debian's Slurm and munge daemons as root; without
+# root or sudo the packages stay out and that test is skipped with the reason.
+slurm-tools:
+	@command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v munged >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo -n ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends slurm-wlm munge >/dev/null \
+	  || echo "slurm-wlm and munge not installed: the real-Slurm test will be skipped"; }
+
 install: $(STAMP)
 
 lint: install
@@ -59,7 +67,7 @@ format: install
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-test: lint browser deploy-tools
+test: lint browser deploy-tools slurm-tools
 	$(PY) -m pytest -q
 
 demo: install

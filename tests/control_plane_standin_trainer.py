@@ -6,8 +6,11 @@ test is switched to `python -m services.trainer`. It follows the same contract, 
 
 It prints `QPEFT_EVENT <json>` lines (state, progress, log, artifact, result), reserves and commits
 shots in the SQL ledger every step (3 circuits x spec.shots), stops with BUDGET_EXHAUSTED when a
-reservation is refused, and with CANCELLED on SIGTERM (Ray's stop_job). Test knobs (env):
-QPEFT_STANDIN_STEP_S (seconds per step, default 0.2), QPEFT_STANDIN_FAIL_AT (exit 1 at that step).
+reservation is refused, and with CANCELLED on SIGTERM (Ray's stop_job). Like the real trainer, it resumes
+from its last checkpoint (a step count written after every step, beside the artifact folder) when the control
+plane submits the job again. Test knobs (env): QPEFT_STANDIN_STEP_S (seconds per step, default 0.2),
+QPEFT_STANDIN_FAIL_AT (exit 1 at that step), QPEFT_STANDIN_HANG_AT (first attempt only: hold that step's
+shot reservation and never return, a QPU call that hangs until the driver is killed).
 """
 
 import argparse
@@ -50,12 +53,18 @@ def main() -> int:
     signal.signal(signal.SIGTERM, on_term)
     step_s = float(os.environ.get("QPEFT_STANDIN_STEP_S", "0.2"))
     fail_at = int(os.environ.get("QPEFT_STANDIN_FAIL_AT", "0"))
+    first_attempt = os.environ.get("QPEFT_ATTEMPT", "1") == "1"
+    hang_at = int(os.environ.get("QPEFT_STANDIN_HANG_AT", "0")) if first_attempt else 0
     ledger, key = SQLLedger(os.environ["QPEFT_DATABASE_URL"]), os.environ["QPEFT_LEDGER_KEY"]
     artifacts = Path(os.environ["QPEFT_ARTIFACT_DIR"])
     shots = (spec.get("shots") or 0) * CIRCUITS_PER_STEP
     max_steps = 10**9 if spec.get("run_until_budget_ends") else spec["max_steps"]
     print(f"stand-in trainer for job {os.environ['QPEFT_JOB_ID']} of {os.environ['QPEFT_TENANT']}", flush=True)
+    ckpt = artifacts.parent / "standin-checkpoint.json"
     spent, step = 0, 0
+    if ckpt.exists():
+        step = json.loads(ckpt.read_text())["step"]
+        emit(type="log", message=f"resumed from the checkpoint of step {step}")
     while step < max_steps:
         if stop:
             save_artifacts(artifacts, step)
@@ -73,6 +82,8 @@ def main() -> int:
                 emit(type="result", state="BUDGET_EXHAUSTED", reason=str(e))
                 return 0
             emit(type="state", sub_state="EXECUTING_QPU")
+            while hang_at and step + 1 == hang_at:
+                time.sleep(1)
             ledger.commit(rid, shots)
             spent += shots
         emit(type="state", sub_state="TRAINING")
@@ -91,6 +102,7 @@ def main() -> int:
             pool_calls=2 * step,
         )
         emit(type="log", message=f"step {step}: loss {loss:.4f}")
+        ckpt.write_text(json.dumps({"step": step}))
         time.sleep(step_s)
     save_artifacts(artifacts, step)
     emit(type="result", state="SUCCEEDED", reason="max_steps reached")

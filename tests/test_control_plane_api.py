@@ -353,6 +353,54 @@ def test_restart_reconciles_with_ray(tmp_path, sqlite_url):  # noqa: F811
         }
 
 
+def test_only_a_killed_driver_is_resubmitted(tmp_path, sqlite_url):  # noqa: F811
+    """A driver that died without a result event (SIGKILL, a lost supervisor node) is resubmitted, up to
+    max_attempts submissions; a trainer that failed by itself, or said how it ended, is not."""
+    ray = FakeRay()
+    settings = make_settings(tmp_path / "data", sqlite_url, max_attempts=2)
+    with TestClient(create_app(settings, ray=ray, reconcile=False)) as c:
+        a = new_tenant(c, "acme", shots=10**6)
+        killed, node_lost, crashed, told = (submit(c, a).json()["id"] for _ in range(4))
+        rec = c.app.state.reconciler
+        rec.reconcile_once()
+        for jid in (killed, node_lost, crashed, told):
+            ray.emit(f"qpeft-{jid}", ev("progress", step=2, max_steps=5, loss=1.0), "a plain line")
+        rec.reconcile_once()
+        held = c.app.state.ledger.reserve(f"job:{killed}", 300)  # a pool call in flight when the driver dies
+        ray.emit(f"qpeft-{killed}", "last words", status="FAILED")  # read in the same pass as its end
+        ray.jobs[f"qpeft-{killed}"].update(message="exit code -9", exit_code=-9)
+        ray.jobs[f"qpeft-{node_lost}"].update(status="FAILED", error_type="JOB_SUPERVISOR_ACTOR_DIED")
+        ray.jobs[f"qpeft-{crashed}"].update(status="FAILED", message="exit code 1", exit_code=1)
+        ray.emit(f"qpeft-{told}", ev("result", state="FAILED", reason="bad data"), status="FAILED")
+        ray.jobs[f"qpeft-{told}"]["exit_code"] = 137  # killed after it had said how it ended
+        rec.reconcile_once()  # the two dead drivers' jobs go back to the queue ...
+        rec.reconcile_once()  # ... and are submitted again
+        state = {jid: c.get(f"/v1/jobs/{jid}", headers=a).json() for jid in (killed, node_lost, crashed, told)}
+        for jid in (killed, node_lost):
+            assert (state[jid]["state"], state[jid]["attempt"]) == ("RUNNING", 2)
+            assert f"qpeft-{jid}-2" in ray.jobs and ray.jobs[f"qpeft-{jid}-2"]["env"]["QPEFT_ATTEMPT"] == "2"
+        assert state[crashed]["state"] == "FAILED" and "exit code 1" in state[crashed]["reason"]
+        assert (state[told]["state"], state[told]["reason"], state[told]["attempt"]) == ("FAILED", "bad data", 1)
+        assert f"qpeft-{crashed}-2" not in ray.jobs and f"qpeft-{told}-2" not in ray.jobs
+        # the dead attempt's call is charged as lost, once: its late commit changes nothing
+        assert state[killed]["shots"] == {**state[killed]["shots"], "spent": 0, "lost": 300, "reserved": 0}
+        c.app.state.ledger.commit(held, 300)
+        assert c.get(f"/v1/jobs/{killed}", headers=a).json()["shots"]["lost"] == 300
+        # the log goes on across attempts: the new attempt's lines follow the note on the old one
+        ray.emit(f"qpeft-{killed}-2", "resumed", ev("progress", step=3, max_steps=5, loss=0.9))
+        rec.reconcile_once()
+        lines = c.get(f"/v1/jobs/{killed}/logs", headers=a).json()["lines"]
+        assert [x["seq"] for x in lines] == [2, 3, 4, 5]
+        assert [lines[i]["line"] for i in (0, 1, 3)] == ["a plain line", "last words", "resumed"]
+        assert "attempt 1 of 2 ended when its driver died (exit code -9)" in lines[2]["line"]
+        assert c.get(f"/v1/jobs/{killed}", headers=a).json()["step"] == 3
+        # max_attempts=2: a second death ends the job
+        ray.jobs[f"qpeft-{killed}-2"].update(status="FAILED", message="exit code -9", exit_code=-9)
+        rec.reconcile_once()
+        j = c.get(f"/v1/jobs/{killed}", headers=a).json()
+        assert (j["state"], j["attempt"], j["reason"]) == ("FAILED", 2, "exit code -9")
+
+
 def test_operations(env):
     app, c, ray = env
     a = new_tenant(c, "acme")

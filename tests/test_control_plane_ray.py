@@ -35,18 +35,34 @@ def ray_jobs_url(ray_cluster):
     return ray_cluster.dashboard_url
 
 
-def ray_app(tmp_path, url, ray_url, step_s=0.2):
+def ray_app(tmp_path, url, ray_url, step_s=0.2, **job_env):
     settings = make_settings(
-        tmp_path / "data", url, ray_address=ray_url, poll_s=0.3, job_env={"QPEFT_STANDIN_STEP_S": str(step_s)}
+        tmp_path / "data",
+        url,
+        ray_address=ray_url,
+        poll_s=0.3,
+        job_env={"QPEFT_STANDIN_STEP_S": str(step_s), **job_env},
     )
     return create_app(settings)
 
 
+REAL_SPEC = {**SPEC, "shots": 64, "dataset": {"train": "tinyshakespeare", "limit": 200, "max_length": 32}}
+
+
 def real_trainer_settings(tmp_path, url, ray_url):
-    """Jobs run `python -m services.trainer`, the real trainer, instead of the stand-in."""
     return make_settings(
         tmp_path / "data", url, ray_address=ray_url, poll_s=0.5, trainer_command="{python} -m services.trainer"
     )
+
+
+def kill_driver(tmp_path, job_id: str) -> None:
+    """SIGKILL the job's driver: the Ray job entrypoint, the one process whose command line names its spec."""
+    import psutil
+
+    spec = str(tmp_path / "data" / "jobs" / job_id / "spec.json")
+    drivers = [p for p in psutil.process_iter(["cmdline"]) if spec in (p.info["cmdline"] or [])]
+    assert len(drivers) == 1, drivers
+    drivers[0].kill()
 
 
 def final(client, key, job_id, timeout=90):
@@ -134,6 +150,37 @@ def test_restart_picks_up_a_job_that_finished_meanwhile(tmp_path, sqlite_url, ra
         assert steps == [1, 2, 3, 4, 5]  # nothing lost, nothing stored twice
 
 
+def test_a_job_outlives_its_driver(tmp_path, sqlite_url, ray_jobs_url):  # noqa: F811
+    """SIGKILL the job's driver (the Ray job entrypoint) in the middle of a step: the control plane submits the
+    job again, the trainer resumes from its checkpoint, and the killed step's shots are charged as lost once."""
+    # attempt 1 checkpoints steps 1 and 2, then holds step 3's shots in a pool call that never returns
+    with TestClient(ray_app(tmp_path, sqlite_url, ray_jobs_url, QPEFT_STANDIN_HANG_AT="3")) as c:
+        key = new_tenant(c, "acme", shots=100_000)
+        job_id = c.post("/v1/jobs", json={**STANDIN_SPEC, "max_steps": 5}, headers=key).json()["id"]
+
+        def hanging():
+            j = c.get(f"/v1/jobs/{job_id}", headers=key).json()
+            return j["step"] == 2 and j["shots"]["reserved"] == 300
+
+        wait_for(hanging, timeout=60, what="step 3's pool call")
+        kill_driver(tmp_path, job_id)
+        j = final(c, key, job_id)
+        assert (j["state"], j["attempt"], j["step"]) == ("SUCCEEDED", 2, 5), j["reason"]
+        # five steps paid once each, plus the killed call as lost; nothing held, nothing charged twice
+        assert j["shots"] == {**j["shots"], "spent": 5 * 300, "lost": 300, "reserved": 0}
+        assert c.get("/v1/budget", headers=key).json()["shots"]["remaining"] == 100_000 - 6 * 300
+        points = c.get(f"/v1/jobs/{job_id}/metrics", headers=key).json()["points"]
+        assert [p["step"] for p in points] == [1, 2, 3, 4, 5]  # attempt 2 went on from step 2, not from 0
+        lines = [x["line"] for x in c.get(f"/v1/jobs/{job_id}/logs?tail=1000", headers=key).json()["lines"]]
+        note = next(i for i, x in enumerate(lines) if "attempt 1 of 3 ended when its driver died" in x)
+        assert "resubmitting as attempt 2" in lines[note]
+        assert lines.index("resumed from the checkpoint of step 2") > note
+        assert sum("stand-in trainer for job" in x for x in lines) == 2  # one line from each attempt's start
+        with c.stream("GET", f"/v1/jobs/{job_id}/events", headers=key) as s:
+            data = [line for line in s.iter_lines() if line.startswith("data: ")]
+        assert any("attempt 1 of 3 ended" in x for x in data)
+
+
 def test_cli(tmp_path, sqlite_url, ray_jobs_url):  # noqa: F811
     import httpx
     from typer.testing import CliRunner
@@ -174,12 +221,7 @@ def test_real_trainer_end_to_end(tmp_path, sqlite_url, ray_jobs_url):  # noqa: F
     """The same path with the real trainer (`python -m services.trainer`): Ray Train, the quantum pool on
     the "qpu" resource, shots through the SQL ledger, adapter and LoRA export as artifacts."""
     settings = real_trainer_settings(tmp_path, sqlite_url, ray_jobs_url)
-    spec = {
-        **SPEC,
-        "max_steps": 3,
-        "shots": 64,
-        "dataset": {"train": "tinyshakespeare", "limit": 200, "max_length": 32},
-    }
+    spec = {**REAL_SPEC, "max_steps": 3}
     with TestClient(create_app(settings)) as c:
         key = new_tenant(c, "acme", shots=100_000)
         job = c.post("/v1/jobs", json=spec, headers=key).json()
@@ -228,3 +270,23 @@ def test_real_trainer_on_an_upload_hides_its_cells(tmp_path, sqlite_url, ray_job
         assert str(settings.data_dir) not in failed["reason"]  # nor where the server keeps it
         _, ok = run("good.csv")
         assert ok["state"] == "SUCCEEDED", ok["reason"]
+
+
+@pytest.mark.slow
+def test_real_trainer_resumes_after_its_driver_is_killed(tmp_path, sqlite_url, ray_jobs_url):  # noqa: F811
+    """The real trainer, its driver SIGKILLed once step 3 is under way (so the checkpoint of step 2 is committed):
+    attempt 2 is restored by Ray Train from its last checkpoint (same run name and storage) and finishes the job."""
+    settings = real_trainer_settings(tmp_path, sqlite_url, ray_jobs_url)
+    spec = {**REAL_SPEC, "max_steps": 5, "training": {"save_every": 1}}
+    with TestClient(create_app(settings)) as c:
+        key = new_tenant(c, "acme", shots=100_000)
+        job_id = c.post("/v1/jobs", json=spec, headers=key).json()["id"]
+        wait_for(lambda: c.get(f"/v1/jobs/{job_id}", headers=key).json()["step"] >= 3, timeout=300, what="step 3")
+        kill_driver(tmp_path, job_id)
+        j = final(c, key, job_id, timeout=400)
+        assert (j["state"], j["attempt"], j["step"]) == ("SUCCEEDED", 2, 5), j["reason"]
+        lines = [x["line"] for x in c.get(f"/v1/jobs/{job_id}/logs?tail=1000", headers=key).json()["lines"]]
+        resumed = [int(x.rsplit(" ", 1)[1]) for x in lines if "resumed from the checkpoint of step" in x]
+        assert resumed and min(resumed) >= 2, lines  # not from 0: from the checkpoint of step 2 or 3
+        assert j["shots"]["reserved"] == 0
+        assert j["shots"]["spent"] + j["shots"]["lost"] >= j["shots"]["forecast"]

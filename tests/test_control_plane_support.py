@@ -113,8 +113,10 @@ class FakeRay:
         self.jobs.setdefault(sid, {"status": "PENDING", "log": "", "entrypoint": entrypoint, "env": env})
 
     def status(self, sid):
+        from services.control_plane.ray_jobs import RayStatus
+
         j = self.jobs.get(sid)
-        return None if j is None else (j["status"], j.get("message"))
+        return None if j is None else RayStatus(j["status"], j.get("message"), j.get("error_type"), j.get("exit_code"))
 
     def logs(self, sid) -> str:
         return self.jobs[sid]["log"]

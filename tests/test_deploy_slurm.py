@@ -70,6 +70,56 @@ def free_job_id() -> int:
             return job
 
 
+def read_connection_file(conn: Path) -> dict[str, str]:
+    """The script's connection details: it holds the admin key and the Ray token, so it must be 0600."""
+    assert conn.stat().st_mode & 0o077 == 0
+    return dict(line.split("=", 1) for line in conn.read_text().splitlines())
+
+
+def ray_nodes(info: dict[str, str], count: int = 2) -> list[dict]:
+    """The cluster's ALIVE Ray nodes once there are `count`, read from the state API over HTTP with the job's token
+    (this process's Ray client is set up for auth mode 'disabled'); a request without the token is refused."""
+    import httpx
+
+    bearer = {"Authorization": f"Bearer {info['RAY_AUTH_TOKEN']}"}
+
+    def alive():
+        try:
+            r = httpx.get(f"{info['RAY_ADDRESS']}/api/v0/nodes", params={"detail": 1}, headers=bearer, timeout=30)
+        except httpx.TransportError:  # the dashboard comes up a little after the GCS
+            return None
+        found = [n for n in r.json()["data"]["result"]["result"] if n["state"] == "ALIVE"]
+        return found if len(found) == count else None
+
+    nodes = wait_for(alive, timeout=120, interval=2, what="the quantum node to join")
+    assert httpx.get(f"{info['RAY_ADDRESS']}/api/v0/nodes", timeout=30).status_code == 401
+    return nodes
+
+
+def new_tenant_when_ready(c, info: dict[str, str]) -> dict[str, str]:
+    """Wait until the API is ready (it reaches Ray's job server with the job's token), then make a tenant."""
+    import httpx
+
+    def serving():
+        try:
+            return c.get("/readyz").status_code == 200
+        except httpx.TransportError:
+            return False
+
+    wait_for(serving, timeout=120, what="the API")
+    r = c.post("/v1/tenants", json={"name": "hpc", "shots": 10**6}, headers={"X-API-Key": info["QPEFT_ADMIN_KEY"]})
+    assert r.status_code == 201, r.text
+    return {"X-API-Key": r.json()["api_key"]}
+
+
+def finished_job(c, key: dict[str, str], job_id: str, timeout: float) -> dict:
+    def finished():
+        j = c.get(f"/v1/jobs/{job_id}", headers=key).json()
+        return j if j["state"] not in ("QUEUED", "RUNNING") else None
+
+    return wait_for(finished, timeout=timeout, interval=1, what="the job")
+
+
 def _ours(tmp: str):
     import psutil
 
@@ -116,21 +166,9 @@ def test_sbatch_brings_up_a_cluster_and_runs_a_job(tmp_path):
         conn = data / f"cluster-{job}.env"
         wait_for(lambda: conn.exists() or script.poll() is not None, timeout=300, interval=1, what="the cluster")
         assert script.poll() is None, logs()
-        assert conn.stat().st_mode & 0o077 == 0  # the admin key and the Ray token are in it
-        info = dict(line.split("=", 1) for line in conn.read_text().splitlines())
+        info = read_connection_file(conn)
         assert info["RAY_AUTH_TOKEN"] and info["QPEFT_URL"].endswith(f":{20000 + (job % 400) * 100 + 3}")
-        bearer = {"Authorization": f"Bearer {info['RAY_AUTH_TOKEN']}"}
-
-        def alive():  # the state API over HTTP: this process's Ray client is set up for auth mode 'disabled'
-            try:
-                r = httpx.get(f"{info['RAY_ADDRESS']}/api/v0/nodes", params={"detail": 1}, headers=bearer, timeout=30)
-            except httpx.TransportError:  # the dashboard comes up a little after the GCS
-                return None
-            found = [n for n in r.json()["data"]["result"]["result"] if n["state"] == "ALIVE"]
-            return found if len(found) == 2 else None
-
-        nodes = wait_for(alive, timeout=120, interval=2, what="the quantum node to join")
-        assert httpx.get(f"{info['RAY_ADDRESS']}/api/v0/nodes", timeout=30).status_code == 401
+        nodes = ray_nodes(info)
         resources = sorted((n["resources_total"].get("CPU", 0), n["resources_total"].get("qpu", 0)) for n in nodes)
         assert resources == [(0, 2.0), (2.0, 0)], resources  # the quantum node, the head (the allocation's CPUs)
         placed = (tmp_path / "srun.log").read_text()
@@ -138,25 +176,9 @@ def test_sbatch_brings_up_a_cluster_and_runs_a_job(tmp_path):
         assert "node-a qpeft serve" in placed
 
         with httpx.Client(base_url=info["QPEFT_URL"], timeout=30) as c:
-
-            def serving():  # ready: the API reaches Ray's job server with the job's auth token
-                try:
-                    return c.get("/readyz").status_code == 200
-                except httpx.TransportError:
-                    return False
-
-            wait_for(serving, timeout=120, what="the API")
-            admin = {"X-API-Key": info["QPEFT_ADMIN_KEY"]}
-            r = c.post("/v1/tenants", json={"name": "hpc", "shots": 10**6}, headers=admin)
-            assert r.status_code == 201, r.text
-            key = {"X-API-Key": r.json()["api_key"]}
+            key = new_tenant_when_ready(c, info)
             job_id = c.post("/v1/jobs", json={**SPEC, "max_steps": 3}, headers=key).json()["id"]
-
-            def finished():
-                j = c.get(f"/v1/jobs/{job_id}", headers=key).json()
-                return j if j["state"] not in ("QUEUED", "RUNNING") else None
-
-            j = wait_for(finished, timeout=180, interval=1, what="the job")
+            j = finished_job(c, key, job_id, timeout=180)
             assert (j["state"], j["step"], j["shots"]["spent"]) == ("SUCCEEDED", 3, 900), (j, logs())
 
         # the end of the allocation: Slurm signals the batch shell, which must take every node down

@@ -9,7 +9,8 @@ worker output do not matter). Types:
   artifact  {"name", "path"}   (path inside the job's artifact dir, QPEFT_ARTIFACT_DIR)
   result    {"state": SUCCEEDED | FAILED | BUDGET_EXHAUSTED | CANCELLED, "reason"}
 Every other line is kept as a plain log line. Lines are numbered as in the Ray log, so re-reading a log
-after a restart skips what was already stored (jobs.log_offset).
+after a restart skips what was already stored (jobs.log_offset); a resubmitted job numbers its new log
+after the earlier attempts' lines (jobs.log_base).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def ingest(db: Session, job: Job, lines: list[str], artifact_root: Path, secrets
     """Store `lines` (the log's lines from job.log_offset + 1 on); returns how many were new."""
     t = time.time()
     for i, raw in enumerate(lines):
-        seq = job.log_offset + i + 1
+        seq = job.log_base + job.log_offset + i + 1
         line = _redact(ANSI.sub("", raw.rstrip("\r")), secrets)
         event = parse(line)
         if event is None:

@@ -78,8 +78,11 @@ class Metrics:
         self.reconcile_errors = Counter(
             "qpeft_reconcile_errors", "Reconciler passes that failed", registry=self.registry
         )
+        self.resubmitted = Counter(
+            "qpeft_jobs_resubmitted", "Jobs resubmitted to Ray after their driver died", registry=self.registry
+        )
         self.registry.register(DbCollector(sessions, by_tenant=True))
-        for shared in (self.latency, self.reconcile_errors):
+        for shared in (self.latency, self.reconcile_errors, self.resubmitted):
             self.public.register(shared)
         self.public.register(DbCollector(sessions, by_tenant=False))
 

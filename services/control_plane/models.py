@@ -119,7 +119,10 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column()
     finished_at: Mapped[datetime | None] = mapped_column()
     updated_at: Mapped[datetime] = mapped_column(default=now, onupdate=now)
-    log_offset: Mapped[int] = mapped_column(Integer, default=0)  # Ray log lines already ingested
+    log_offset: Mapped[int] = mapped_column(Integer, default=0)  # this attempt's Ray log lines already ingested
+    # Ray submissions of this job: a driver that died is resubmitted (ray_jobs.Reconciler) as qpeft-<id>-<attempt>
+    attempt: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    log_base: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # log lines of earlier attempts
     step: Mapped[int] = mapped_column(Integer, default=0)
     max_steps: Mapped[int] = mapped_column(Integer, default=0)
     loss: Mapped[float | None] = mapped_column(Float)

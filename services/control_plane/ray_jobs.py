@@ -7,6 +7,10 @@ started with the app, repeatedly, for every QUEUED or RUNNING job:
 - reads Ray's status, then the job's log (everything after the lines already stored), so a job that ended
   while the control plane was down gets its events and final state on the next start;
 - marks a job Ray no longer knows (cluster restarted, job deleted) FAILED with the reason;
+- resubmits a job whose driver died (killed by a signal, or its node lost) without the trainer saying how
+  it ended, up to QPEFT_MAX_ATTEMPTS submissions in all: the trainer resumes from its last checkpoint, the
+  dead attempt's open shot reservations are charged as lost, and a log line records each attempt. A trainer
+  that ends with an error of its own (a bad spec, a crash: a plain non-zero exit) is never resubmitted;
 - forwards cancellation (stop_job) and, once a job is final, releases its open shot reservations as lost.
 """
 
@@ -24,15 +28,37 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from sqlalchemy import select
 from sqlalchemy.engine import URL, make_url
 
 from .events import final_state, ingest
-from .models import ACTIVE_STATES, Job, Reservation, now
+from .models import ACTIVE_STATES, Job, JobLog, Reservation, now
 
 log = logging.getLogger(__name__)
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+# Ray's error types for a job whose supervisor actor (and so the driver with it) went away: its node died
+SUPERVISOR_LOST = ("JOB_SUPERVISOR_ACTOR_DIED", "JOB_SUPERVISOR_ACTOR_UNKNOWN_FAILURE")
+# a driver ended by these signals was killed (OOM killer, an operator, a node agent), not failed by itself
+KILL_SIGNALS = (signal.SIGKILL, signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+
+
+class RayStatus(NamedTuple):
+    status: str
+    message: str | None = None
+    error_type: str | None = None
+    exit_code: int | None = None  # the driver's exit code; negative: the signal that ended it
+
+    def driver_killed(self) -> bool:
+        """The driver died from outside: its node or supervisor was lost, or a signal ended it."""
+        if self.status != "FAILED":
+            return False
+        if self.error_type in SUPERVISOR_LOST:
+            return True
+        code = self.exit_code
+        # `sh -c` runs the entrypoint: a signal shows as -N (exec'ed) or 128 + N (the shell reports it)
+        return code is not None and (-code in KILL_SIGNALS or code - 128 in KILL_SIGNALS)
 
 
 class RayJobs:
@@ -95,15 +121,18 @@ class RayJobs:
             if "already exists" not in str(e):
                 raise
 
-    def status(self, submission_id: str) -> tuple[str, str | None] | None:
-        """(Ray status, message), or None when Ray has no such job."""
+    def status(self, submission_id: str) -> RayStatus | None:
+        """Ray's status of the job, or None when Ray has no such job."""
         try:
             info = self.client.get_job_info(submission_id)
         except RuntimeError as e:
             if "404" in str(e) or "does not exist" in str(e):
                 return None
             raise
-        return str(getattr(info.status, "value", info.status)), info.message
+        error_type = getattr(info.error_type, "value", info.error_type)
+        return RayStatus(
+            str(getattr(info.status, "value", info.status)), info.message, error_type, info.driver_exit_code
+        )
 
     def logs(self, submission_id: str) -> str:
         return self.client.get_job_logs(submission_id)
@@ -280,7 +309,7 @@ class Reconciler:
                 else:
                     self._finish(db, job, "FAILED", f"lost: Ray has no record of {sid} (cluster restarted?)")
                 return
-            ray_status, message = status
+            ray_status, message = status.status, status.message
             if job.submitted_at is None:  # accepted before a crash that kept us from recording it
                 job.submitted_at = now()
             if job.cancel_requested and ray_status not in TERMINAL and sid not in self.stop_sent:
@@ -290,8 +319,41 @@ class Reconciler:
             if ray_status == "RUNNING" and job.state == "QUEUED":
                 job.state, job.started_at = "RUNNING", job.started_at or now()
             if ray_status in TERMINAL:
-                self._finish(db, job, *final_state(job, ray_status, message))
+                if self._resubmittable(job, status):
+                    self._next_attempt(db, job, message)
+                else:
+                    self._finish(db, job, *final_state(job, ray_status, message))
             db.commit()
+
+    def _resubmittable(self, job: Job, status: RayStatus) -> bool:
+        """Only a driver that died without a word: the trainer prints a result event whenever it ends by itself
+        (failed on its spec, out of budget, cancelled), and then it stays ended."""
+        return (
+            status.driver_killed()
+            and job.result_state is None
+            and not job.cancel_requested
+            and job.attempt < self.settings.max_attempts
+        )
+
+    def _next_attempt(self, db, job: Job, message: str | None) -> None:
+        """Charge the dead attempt's shots in flight as lost, record why, and queue a fresh Ray submission; the
+        trainer resumes from the job's last checkpoint (Ray Train restores its run by name and storage)."""
+        db.commit()  # the log lines just read first: the ledger writes on its own connection (SQLite: one writer)
+        self._release_open(db, job)
+        why = (message or "the driver died").strip().splitlines()[0][:300]
+        nxt = job.attempt + 1
+        line = (
+            f"qpeft: attempt {job.attempt} of {self.settings.max_attempts} ended when its driver died ({why}); "
+            f"resubmitting as attempt {nxt} from the last checkpoint"
+        )
+        job.log_base += job.log_offset + 1  # the new attempt's log is numbered after this line
+        db.add(JobLog(job_id=job.id, seq=job.log_base, time=time.time(), line=line))
+        job.attempt, job.log_offset = nxt, 0
+        job.ray_submission_id = f"qpeft-{job.id}-{nxt}"
+        job.submitted_at, job.sub_state, job.reason = None, None, line[len("qpeft: ") :]
+        job.result_state = job.result_reason = None
+        self.metrics.resubmitted.inc()
+        log.warning("job %s: %s", job.id, line)
 
     def _read_logs(self, db, job: Job, complete: bool) -> None:
         """Ingest the log's new lines. Status is read before the log, so a finished job's log is whole;
@@ -323,6 +385,7 @@ class Reconciler:
             "QPEFT_JOB_ID": job.id,
             "QPEFT_TENANT": job.tenant,
             "QPEFT_LEDGER_KEY": f"job:{job.id}",
+            "QPEFT_ATTEMPT": str(job.attempt),
             "QPEFT_ARTIFACT_DIR": str(jdir / "artifacts"),
             "PYTHONUNBUFFERED": "1",  # events must reach the log as they happen
             **({"QPEFT_SHARED_DATA": os.environ["QPEFT_SHARED_DATA"]} if os.environ.get("QPEFT_SHARED_DATA") else {}),
@@ -340,7 +403,11 @@ class Reconciler:
     def _finish(self, db, job: Job, state: str, reason: str) -> None:
         job.state, job.reason, job.sub_state, job.finished_at = state, reason, None, now()
         db.commit()
-        # A trainer that died mid-call leaves reservations open: charge them as lost, as the pool does.
+        self._release_open(db, job)
+
+    def _release_open(self, db, job: Job) -> None:
+        """A trainer that died mid-call leaves reservations open: charge them as lost, as the pool does. A dead
+        worker's late commit then finds them closed and changes nothing, so no shot is charged twice."""
         open_ids = db.scalars(
             select(Reservation.id).where(Reservation.key == f"job:{job.id}", Reservation.state == "open")
         ).all()

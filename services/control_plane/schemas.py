@@ -109,6 +109,7 @@ class Job(BaseModel):
     finished_at: datetime | None
     step: int
     max_steps: int
+    attempt: int = Field(description="Ray submissions so far: more than 1 after a driver died and was resubmitted")
     loss: float | None
     parameters: JobParameters | None = Field(description="the adapted model's counts, once training has started")
     shots: JobShots

@@ -54,6 +54,7 @@ class Settings(BaseModel):
     data_roots: list[Path] = Field(default_factory=list)
     model_roots: list[Path] = Field(default_factory=list)
     hub_cache: Path | None = None  # Hugging Face hub cache for hub ids (None: the hub library's default)
+    max_attempts: int = Field(3, ge=1)  # Ray submissions per job when its driver dies (killed, node lost)
 
     @property
     def embedded(self) -> bool:
@@ -115,6 +116,7 @@ class Settings(BaseModel):
             "data_roots": _paths(env.get("QPEFT_DATA_ROOTS")),
             "model_roots": _paths(env.get("QPEFT_MODEL_ROOTS")),
             "hub_cache": env.get("QPEFT_HUB_CACHE"),
+            "max_attempts": env.get("QPEFT_MAX_ATTEMPTS"),
         }
         values = {k: v for k, v in values.items() if v is not None}
         values.update(overrides)

@@ -55,6 +55,7 @@ def job_out(request: Request, db, job: Job) -> schemas.Job:
         finished_at=job.finished_at,
         step=job.step,
         max_steps=job.max_steps,
+        attempt=job.attempt,
         loss=job.loss,
         parameters=None
         if job.trainable_params is None
