@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.test_deploy_compose import env_files, load_compose, start_order
+from tests.test_deploy_compose import _expand, env_files, load_compose, start_order
+from tests.test_deploy_docker import RESET, load_host_override
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -75,6 +76,32 @@ def test_compose_worker_groups_offer_qpu(compose):
     assert "qpu" not in " ".join(services["trainer-worker"]["command"])
     api = services["api"]
     assert api["environment"]["QPEFT_RAY_ADDRESS"] == f"http://ray-head:{flag(head, 'dashboard-port')}"
+
+
+def test_compose_host_network_variant(compose):
+    """deploy/docker/compose.host.yml (what tests/test_deploy_docker.py runs): every service on the host's
+    network, each command the base file's with only the host-network changes, every listener on 127.0.0.1
+    (the Ray dashboard and Jobs API included: issue 14)."""
+    host = _expand(load_host_override(), {})
+    assert set(host["services"]) == set(compose["services"])
+    for name, service in compose["services"].items():  # ports cannot be published on the host's network
+        assert "ports" not in service or host["services"][name]["ports"] is RESET, name
+    loopback = {
+        "--address=ray-head:6379": "--address=127.0.0.1:6379",
+        "--dashboard-host=0.0.0.0": "--dashboard-host=127.0.0.1",
+        "0.0.0.0": "127.0.0.1",  # the API's --host
+    }
+    for name, override in host["services"].items():
+        assert override["network_mode"] == "host", name
+        cmd = override["command"]
+        assert "0.0.0.0" not in " ".join(cmd), name
+        if name == "postgres":
+            assert "listen_addresses=127.0.0.1" in cmd
+            continue
+        base = [loopback.get(c, c) for c in compose["services"][name]["command"]]
+        assert [c for c in cmd if c != "--node-ip-address=127.0.0.1"] == base, name
+        assert (cmd[0] == "ray") == ("--node-ip-address=127.0.0.1" in cmd), name
+    assert host["services"]["api"]["environment"]["QPEFT_RAY_ADDRESS"] == "http://127.0.0.1:8265"
 
 
 def test_compose_commands_exist(compose):
@@ -141,6 +168,10 @@ def test_dockerfile():
                 assert (ROOT / src).exists(), line
         assert not re.match(r"(ENV|ARG)\s+\S*(TOKEN|PASSWORD|SECRET|KEY)", line, re.I), line
     assert "TORCH_INDEX" in text and "USER qpeft" in lines
+    # the locked dependencies are installed before the code is copied in, so a code change reuses their layers
+    deps = next(i for i, x in enumerate(lines) if "-r /tmp/deps.txt" in x)
+    assert deps < lines.index("COPY qpeft_core qpeft_core") < lines.index("COPY services services")
+    assert lines.index("COPY services services") < lines.index("RUN pip install --no-deps --no-build-isolation -e .")
 
 
 def k8s_docs() -> list[dict]:
