@@ -112,12 +112,22 @@ def image_id(name: str) -> str | None:
     return out.stdout.strip() if not out.returncode else None
 
 
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
 @contextlib.contextmanager
-def serve(directory: Path):
-    """A read-only HTTP server on 127.0.0.1 for `directory` (pip's find-links for the build)."""
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(directory))
-    handler.log_message = lambda *a: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+def serve(directory: Path, port: int):
+    """A read-only HTTP server on 127.0.0.1 for `directory` (pip's find-links for the build). The URL is part of
+    the build's cache key (a build arg the install steps read), so it is the same every run where the port is
+    free: another port rebuilds the dependency layers."""
+    handler = functools.partial(QuietHandler, directory=str(directory))
+    try:
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
+    except OSError:
+        print(f"port {port} is taken: serving the wheels elsewhere, so the dependency layers are rebuilt")
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -147,7 +157,7 @@ def image(docker_engine):
         timeout=1800,
     )
     t1, old = time.time(), image_id(IMAGE)
-    with serve(WHEELS) as wheels:
+    with serve(WHEELS, int(os.environ.get("QPEFT_TEST_WHEELS_PORT", "8099"))) as wheels:
         run(
             "docker", "build", "--network", "host", "-f", "deploy/docker/Dockerfile", "-t", IMAGE,
             "--build-arg", f"PYTHON_IMAGE={BASE}", "--build-arg", f"PIP_WHEELS={wheels}", ".",
@@ -265,6 +275,7 @@ def ledger_rows(db_url: str, job_id: str) -> dict[str, list[int]]:
     return out
 
 
+@pytest.mark.timeout(5400)  # a cold build (base, wheels, image) takes most of it: see docs/deploy.md
 def test_image_and_compose_stack_survive_a_dead_quantum_worker(image, pg_schema):  # noqa: F811
     import httpx
     from ray.util.state import list_actors, list_nodes
@@ -273,19 +284,22 @@ def test_image_and_compose_stack_survive_a_dead_quantum_worker(image, pg_schema)
         pytest.skip(f"shared data not found at {SHARED}")
     stack = Stack(pg_schema)
     try:
-        # compose starts the workers once the head's health check passes; the API's dependency, PostgreSQL, is
-        # the machine's own, so the API is started without the `postgres` service
-        stack.compose("up", "-d", "--no-build", *STACK[:-1], timeout=600)
-        stack.compose("up", "-d", "--no-build", "--no-deps", STACK[-1])
+        # The head first, until its compose health check passes (Docker restarts it if Ray gives up starting on a
+        # loaded host; compose 1.29 would abort on the first "unhealthy"), then the workers, which compose starts
+        # only on a healthy head, then the API: its other dependency, PostgreSQL, is the machine's own.
+        stack.compose("up", "-d", "--no-build", "ray-head")
+        wait_for(lambda: stack.health("ray-head") == "healthy", timeout=600, interval=3, what="a healthy Ray head")
+        stack.compose("up", "-d", "--no-build", "trainer-worker", "quantum-worker-aer")
+        stack.compose("up", "-d", "--no-build", "--no-deps", "api")
         wait_for(
-            lambda: all(stack.health(s) == "healthy" for s in STACK), timeout=300, interval=3, what="healthy services"
+            lambda: all(stack.health(s) == "healthy" for s in STACK), timeout=600, interval=3, what="healthy services"
         )
         dash = f"http://127.0.0.1:{stack.ports['QPEFT_RAY_DASHBOARD_PORT']}"
         alive = wait_for(
             lambda: (
                 (n := [n for n in list_nodes(address=dash, detail=True) if n.state == "ALIVE"]) and len(n) == 3 and n
             ),
-            timeout=120,
+            timeout=300,
             interval=2,
             what="three Ray nodes",
         )
@@ -309,7 +323,7 @@ def test_image_and_compose_stack_survive_a_dead_quantum_worker(image, pg_schema)
             # the circuits run in the quantum-worker container, nowhere else
             wait_for(
                 lambda: (j := status())["state"] == "RUNNING" and j["step"] >= 1,
-                timeout=420,
+                timeout=900,
                 interval=1,
                 what="the job's first step",
             )
@@ -324,7 +338,7 @@ def test_image_and_compose_stack_survive_a_dead_quantum_worker(image, pg_schema)
             run("docker", "kill", stack.container("quantum-worker-aer"))  # SIGKILL: no goodbye to Ray
             final = wait_for(
                 lambda: (j := status())["state"] not in ("QUEUED", "RUNNING") and j,
-                timeout=600,
+                timeout=900,
                 interval=2,
                 what="the job after the quantum worker died",
             )

@@ -14,6 +14,9 @@ dir=${1:-build/wheels}
 python=${PYTHON:-python3}
 index=${TORCH_INDEX:+--extra-index-url $TORCH_INDEX}
 mkdir -p "$dir"
+# what the directory was filled from: the same inputs again download nothing (pip would still re-resolve)
+stamp=$(cat pyproject.toml requirements/lock.txt requirements/no-deps.txt | sha1sum | cut -c1-16)
+[ "$(cat "$dir/.inputs" 2>/dev/null)" = "$stamp" ] && exit 0
 deps=$dir/.requirements.txt
 # the same list the Dockerfile installs: the project's dependencies and its models extra
 "$python" deploy/docker/deps.py > "$deps"
@@ -22,3 +25,4 @@ deps=$dir/.requirements.txt
   pip setuptools wheel torch -r "$deps"
 "$python" -m pip download -q -d "$dir" --no-deps -r requirements/no-deps.txt
 rm "$deps"
+echo "$stamp" > "$dir/.inputs"
