@@ -207,7 +207,11 @@ class Stack:
     def __init__(self, db_url: str):
         self.dir = Path(tempfile.mkdtemp(prefix="qpeft-compose-"))
         self.name = f"qpeft-test-{uuid.uuid4().hex[:8]}"
-        names = ("QPEFT_RAY_PORT", "QPEFT_RAY_DASHBOARD_PORT", "QPEFT_RAY_CLIENT_PORT", "QPEFT_API_PORT")
+        names = ["QPEFT_RAY_PORT", "QPEFT_RAY_DASHBOARD_PORT", "QPEFT_RAY_CLIENT_PORT", "QPEFT_API_PORT"]
+        for node in ("HEAD", "TRAINER", "AER"):  # compose.host.yml's fixed agent ports, free ones here
+            names += [
+                f"QPEFT_RAY_{node}_{p}" for p in ("AGENT_PORT", "AGENT_GRPC_PORT", "RUNTIME_ENV_PORT", "METRICS_PORT")
+            ]
         self.ports = dict(zip(names, free_ports(len(names)), strict=True))
         self.files = v1_compose(self.dir)
         deploy = self.dir / "deploy"

@@ -21,6 +21,12 @@ ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 K8S = sorted((DEPLOY / "k8s").glob("*.yaml"))
 RAY_NODES = ["ray-head", "trainer-worker", "quantum-worker-aer", "quantum-worker-ibm"]
+AGENT_PORTS = (
+    "dashboard-agent-listen-port",
+    "dashboard-agent-grpc-port",
+    "runtime-env-agent-port",
+    "metrics-export-port",
+)
 # a credential-looking assignment whose value is not an obvious placeholder
 SECRET = re.compile(r"(TOKEN|PASSWORD|API_KEY|ADMIN_KEY|PEPPER|SECRET)\w*[ \t]*[:=][ \t]*(?!\$\{)(\S+)", re.I)
 PLACEHOLDER = re.compile(r"change-me|your-|^[\"']?$")
@@ -91,6 +97,7 @@ def test_compose_host_network_variant(compose):
         "--dashboard-host=0.0.0.0": "--dashboard-host=127.0.0.1",
         "0.0.0.0": "127.0.0.1",  # the API's --host
     }
+    agent_ports = []
     for name, override in host["services"].items():
         assert override["network_mode"] == "host", name
         cmd = override["command"]
@@ -98,7 +105,15 @@ def test_compose_host_network_variant(compose):
         if name == "postgres":
             assert "listen_addresses=127.0.0.1" in cmd
             continue
-        assert cmd == [loopback.get(c, c) for c in compose["services"][name]["command"]], name
+        base = [loopback.get(c, c) for c in compose["services"][name]["command"]]
+        if cmd[0] == "ray":  # the agents' ports fixed, one set per node, instead of chosen by Ray
+            agents = {f: flag(cmd, f) for f in AGENT_PORTS}
+            assert all(agents.values()), (name, agents)
+            agent_ports.append(set(agents.values()))
+            cmd = [c for c in cmd if c.split("=")[0][2:] not in AGENT_PORTS]
+            base.remove("--dashboard-agent-listen-port=0")
+        assert cmd == base, name
+    assert len(set().union(*agent_ports)) == 4 * len(agent_ports)  # no two nodes on the host collide
     assert host["services"]["api"]["environment"]["QPEFT_RAY_ADDRESS"] == "http://127.0.0.1:8265"
 
 
