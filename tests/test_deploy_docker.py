@@ -36,8 +36,8 @@ import pytest
 import yaml
 
 from services.control_plane.ray_jobs import free_ports
-from tests.test_control_plane_support import SPEC, pg_admin, wait_for  # noqa: F401  (fixture)
-from tests.test_deploy_compose import COMPOSE, SHARED, pg_schema  # noqa: F401  (fixture)
+from tests.test_control_plane_support import pg_admin, wait_for  # noqa: F401  (fixture)
+from tests.test_deploy_compose import COMPOSE, SHARED, pg_schema, submit_tiny_qpa  # noqa: F401  (fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 HOST_OVERRIDE = ROOT / "deploy" / "docker" / "compose.host.yml"
@@ -228,6 +228,7 @@ class Stack:
             "QPEFT_IMAGE": IMAGE,
             "QPEFT_SHARED_DATA_DIR": str(SHARED),
             "QPEFT_SHM_SIZE": "1gb",
+            "QPEFT_RAY_OBJECT_STORE_BYTES": str(400 * 2**20),
         }
 
     def compose(self, *args, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
@@ -310,16 +311,9 @@ def test_image_and_compose_stack_survive_a_dead_quantum_worker(image, pg_schema)
         assert [n.resources_total.get("qpu") for n in alive].count(2.0) == 1
 
         max_steps = 6
-        spec = {**SPEC, "max_steps": max_steps, "shots": 64, "training": {"batch_size": 4, "eval_max_batches": 1}}
-        spec["dataset"] = {"train": "tinyshakespeare", "limit": 200, "max_length": 32, "eval_limit": 8}
         api = f"http://127.0.0.1:{stack.ports['QPEFT_API_PORT']}"
         with httpx.Client(base_url=api, timeout=30) as c:
-            r = c.post("/v1/tenants", json={"name": "acme", "shots": 10**6}, headers={"X-API-Key": ADMIN})
-            assert r.status_code == 201, r.text
-            key = {"X-API-Key": r.json()["api_key"]}
-            r = c.post("/v1/jobs", json=spec, headers=key)
-            assert r.status_code in (200, 201, 202), r.text
-            job = r.json()
+            key, job = submit_tiny_qpa(c, ADMIN, max_steps)
 
             def status():
                 return c.get(f"/v1/jobs/{job['id']}", headers=key).json()
