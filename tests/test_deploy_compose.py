@@ -182,6 +182,18 @@ class LocalCompose:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
+def submit_tiny_qpa(client, admin_key: str, max_steps: int) -> tuple[dict, dict]:
+    """A tenant made with the admin key, then a short QPA job on Aer with shots: (the tenant's key header, job)."""
+    spec = {**SPEC, "max_steps": max_steps, "shots": 64, "training": {"batch_size": 4, "eval_max_batches": 1}}
+    spec["dataset"] = {"train": "tinyshakespeare", "limit": 200, "max_length": 32, "eval_limit": 8}
+    r = client.post("/v1/tenants", json={"name": "acme", "shots": 10**6}, headers={"X-API-Key": admin_key})
+    assert r.status_code == 201, r.text
+    key = {"X-API-Key": r.json()["api_key"]}
+    r = client.post("/v1/jobs", json=spec, headers=key)
+    assert r.status_code in (200, 201, 202), r.text
+    return key, r.json()
+
+
 @pytest.fixture
 def pg_schema(pg_admin):  # noqa: F811
     from tests.test_control_plane_support import _drop_schema, _pg_schema_url
@@ -221,14 +233,9 @@ def test_compose_services_run_a_job(pg_schema):
         qpu_nodes = [n.node_id for n in found if n.resources_total.get("qpu")]
         assert len(qpu_nodes) == 1 and [n.resources_total.get("qpu") for n in found].count(2.0) == 1
 
-        spec = {**SPEC, "max_steps": 2, "shots": 64, "training": {"batch_size": 4, "eval_max_batches": 1}}
-        spec["dataset"] = {"train": "tinyshakespeare", "limit": 200, "max_length": 32, "eval_limit": 8}
         api = f"http://127.0.0.1:{ports['QPEFT_API_PORT']}"
         with httpx.Client(base_url=api, timeout=30) as c:
-            r = c.post("/v1/tenants", json={"name": "acme", "shots": 10**6}, headers={"X-API-Key": ADMIN})
-            assert r.status_code == 201, r.text
-            key = {"X-API-Key": r.json()["api_key"]}
-            job = c.post("/v1/jobs", json=spec, headers=key).json()
+            key, job = submit_tiny_qpa(c, ADMIN, max_steps=2)
 
             def finished():
                 stack.supervise()

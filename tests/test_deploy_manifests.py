@@ -14,12 +14,19 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.test_deploy_compose import env_files, load_compose, start_order
+from tests.test_deploy_compose import _expand, env_files, load_compose, start_order
+from tests.test_deploy_docker import RESET, load_host_override
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 K8S = sorted((DEPLOY / "k8s").glob("*.yaml"))
 RAY_NODES = ["ray-head", "trainer-worker", "quantum-worker-aer", "quantum-worker-ibm"]
+AGENT_PORTS = (
+    "dashboard-agent-listen-port",
+    "dashboard-agent-grpc-port",
+    "runtime-env-agent-port",
+    "metrics-export-port",
+)
 # a credential-looking assignment whose value is not an obvious placeholder
 SECRET = re.compile(r"(TOKEN|PASSWORD|API_KEY|ADMIN_KEY|PEPPER|SECRET)\w*[ \t]*[:=][ \t]*(?!\$\{)(\S+)", re.I)
 PLACEHOLDER = re.compile(r"change-me|your-|^[\"']?$")
@@ -75,6 +82,39 @@ def test_compose_worker_groups_offer_qpu(compose):
     assert "qpu" not in " ".join(services["trainer-worker"]["command"])
     api = services["api"]
     assert api["environment"]["QPEFT_RAY_ADDRESS"] == f"http://ray-head:{flag(head, 'dashboard-port')}"
+
+
+def test_compose_host_network_variant(compose):
+    """deploy/docker/compose.host.yml (what tests/test_deploy_docker.py runs): every service on the host's
+    network, each command the base file's with only the host-network changes: the head at 127.0.0.1, and the
+    Ray dashboard with its Jobs API (issue 14), the API and PostgreSQL listening on 127.0.0.1 only."""
+    host = _expand(load_host_override(), {})
+    assert set(host["services"]) == set(compose["services"])
+    for name, service in compose["services"].items():  # ports cannot be published on the host's network
+        assert "ports" not in service or host["services"][name]["ports"] is RESET, name
+    loopback = {
+        "--address=ray-head:6379": "--address=127.0.0.1:6379",
+        "--dashboard-host=0.0.0.0": "--dashboard-host=127.0.0.1",
+        "0.0.0.0": "127.0.0.1",  # the API's --host
+    }
+    agent_ports = []
+    for name, override in host["services"].items():
+        assert override["network_mode"] == "host", name
+        cmd = override["command"]
+        assert "0.0.0.0" not in " ".join(cmd), name
+        if name == "postgres":
+            assert "listen_addresses=127.0.0.1" in cmd
+            continue
+        base = [loopback.get(c, c) for c in compose["services"][name]["command"]]
+        if cmd[0] == "ray":  # the agents' ports fixed, one set per node, instead of chosen by Ray
+            agents = {f: flag(cmd, f) for f in AGENT_PORTS}
+            assert all(agents.values()), (name, agents)
+            agent_ports.append(set(agents.values()))
+            cmd = [c for c in cmd if c.split("=")[0][2:] not in AGENT_PORTS]
+            base.remove("--dashboard-agent-listen-port=0")
+        assert cmd == base, name
+    assert len(set().union(*agent_ports)) == 4 * len(agent_ports)  # no two nodes on the host collide
+    assert host["services"]["api"]["environment"]["QPEFT_RAY_ADDRESS"] == "http://127.0.0.1:8265"
 
 
 def test_compose_commands_exist(compose):
@@ -141,6 +181,10 @@ def test_dockerfile():
                 assert (ROOT / src).exists(), line
         assert not re.match(r"(ENV|ARG)\s+\S*(TOKEN|PASSWORD|SECRET|KEY)", line, re.I), line
     assert "TORCH_INDEX" in text and "USER qpeft" in lines
+    # the locked dependencies are installed before the code is copied in, so a code change reuses their layers
+    deps = next(i for i, x in enumerate(lines) if "-r /tmp/deps.txt" in x)
+    assert deps < lines.index("COPY qpeft_core qpeft_core") < lines.index("COPY services services")
+    assert lines.index("COPY services services") < lines.index("RUN pip install --no-deps --no-build-isolation -e .")
 
 
 def k8s_docs() -> list[dict]:
