@@ -363,14 +363,33 @@ def tenant_budget(
 
 @app.command()
 def demo(
-    quick: bool = typer.Option(False, help="fewer steps"),
-    device: str = typer.Option(None, help="cpu or cuda (default: cuda if available)"),
+    model: Annotated[
+        str, typer.Option(help="base model the server knows (tiny-gpt2 for a quick check)")
+    ] = "smollm2-135m",
+    corpus: Annotated[
+        Path | None,
+        typer.Option(exists=True, dir_okay=False, help="a local text file to train on (default: WikiText-2's valid)"),
+    ] = None,
+    eval_data: Annotated[str, typer.Option("--eval", help="held-out data set id or shared name")] = "wikitext-2-test",
+    steps: Annotated[int, typer.Option(help="steps of the exact job")] = 10,
+    quick: Annotated[bool, typer.Option(help="shorter blocks and fewer Aer steps")] = False,
+    device: Annotated[str, typer.Option(help="where the downloaded LoRA generates text")] = "cpu",
 ):
-    """Run the end-to-end demo (the same as `make demo`): QNN fits on each executor, QPA and Quantum-PEFT
-    fine-tunes of SmolLM2 with a LoRA export used through plain peft."""
-    from qpeft_core import demo as demo_module
+    """The service part of `make demo` against the server at QPEFT_URL, as the tenant of QPEFT_API_KEY: uploads
+    a local text file, runs a QPA job on Aer with shots and one on the exact executor, follows both, downloads
+    the LoRA artifact and generates from it with plain transformers + peft. (`make demo` runs the whole demo,
+    library and service, on an embedded server of its own.)"""
+    import tempfile
 
-    demo_module.main((["--quick"] if quick else []) + (["--device", device] if device else []))
+    from services.demo import run_jobs
+    from services.jobspec import shared_data_dir
+
+    corpus = corpus or shared_data_dir() / "wikitext-2" / "valid.txt"
+    if not corpus.is_file():
+        raise typer.BadParameter(f"{corpus} is not a file; name a local text file with --corpus", param_hint="--corpus")
+    work = Path(tempfile.mkdtemp(prefix="qpeft-demo-"))
+    with _client() as c:
+        run_jobs(c, out, model, corpus, work, device, steps, quick, eval_data=eval_data)
 
 
 def main() -> None:

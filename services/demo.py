@@ -62,6 +62,98 @@ def _report(client, job: dict, console, summary: dict) -> None:
         summary.setdefault("perplexity", {})[job["id"]] = ppl
 
 
+def run_jobs(
+    c,
+    console,
+    model: str,
+    corpus: Path,
+    work: Path,
+    device="cpu",
+    steps=10,
+    quick=False,
+    set_budget=None,
+    eval_data=None,
+) -> dict:
+    """The demo's jobs on the server `c` talks to with a tenant's key: `corpus` uploaded as `qpeft data upload`
+    does, a QPA job on Aer (shots, parameter shift) and one on the exact executor, each followed to its end, then
+    the exact job's LoRA artifact downloaded into `work` and used with plain transformers + peft.
+    `set_budget(shots)`, where the caller may set the tenant's budget, gets the Aer job's forecast first.
+    Returns the summary: the data set, each job's (id, state, step, shots), the budget, perplexities, the sample."""
+    import torch
+    import transformers
+
+    from qpeft_core.adapters.io import load_peft_lora
+    from qpeft_core.train import load_model
+    from services.cli import upload_dataset
+
+    summary: dict = {}
+    uploaded = upload_dataset(c, corpus)
+    summary["dataset"] = {k: uploaded[k] for k in ("id", "format", "rows", "sha256")}
+    console.print(f"uploaded {corpus.name}: data set {uploaded['id']} ({uploaded['rows']:,} lines)")
+
+    max_length, batch = (64, 2) if quick else (128, 4)
+    dataset = {"train": uploaded["id"], "eval": eval_data or "wikitext-2-test", "max_length": max_length, "limit": 64}
+    base = {
+        "base_model": model,
+        "dataset": dataset,
+        "method": "qpa",
+        # 2048 numbers per basis state suit SmolLM2's 230,400; a tiny test model needs far fewer
+        "method_config": {"r": 4, "quantum_grad": "per_step", "n_mlp": 64 if model.startswith("tiny") else 2048},
+        "training": {"batch_size": batch, "lr": 2e-3, "warmup_steps": 1, "eval_max_batches": 2},
+    }
+    sampled = {**base, "name": "qpa on aer", "executor": "aer", "shots": 256, "gradient": "parameter_shift"}
+    sampled["max_steps"] = 2 if quick else 3
+    exact = {**base, "name": "qpa exact", "executor": "exact", "max_steps": steps}
+    exact["training"] = {**base["training"], "eval_at_start": True}
+    shots_needed = c.post("/v1/estimate", json=sampled).raise_for_status().json()["shots"]
+    if set_budget is not None:
+        set_budget(shots_needed)
+    else:
+        left = c.get("/v1/budget").raise_for_status().json()["shots"]["remaining"]
+        console.print(f"the Aer job's forecast: {shots_needed:,} shots; your budget: {_shots(left)} left")
+
+    jobs = []
+    dashboard = f"{str(c.base_url).rstrip('/')}/dashboard/"
+    for spec in (sampled, exact):
+        job = c.post("/v1/jobs", json=spec).raise_for_status().json()
+        shots = "exact, no shots" if spec.get("shots") is None else f"{spec['shots']} shots per circuit"
+        console.print(
+            f"\njob {job['id']}: {spec['name']} ({model}, {spec['max_steps']} steps, {shots}); "
+            f"forecast {job['shots']['forecast'] or 0:,} shots; {dashboard}"
+        )
+        job = _follow(c, job, console)
+        console.print(f"{job['state']}: {job['reason'] or ''} (Ray job qpeft-{job['id']}, for the operator)")
+        _report(c, job, console, summary)
+        jobs.append(job)
+    b = c.get("/v1/budget").raise_for_status().json()["shots"]
+    console.print(f"\nshots spent {b['spent']:,} of a budget of {_shots(b['limit'])} ({_shots(b['remaining'])} left)")
+    summary.update(jobs=[(j["id"], j["state"], j["step"], j["shots"]["spent"]) for j in jobs], budget=b)
+
+    last = jobs[-1]
+    if last["state"] != "SUCCEEDED":
+        raise RuntimeError(f"job {last['id']} ended {last['state']}: {last['reason']}")
+    archive = work / "lora.zip"
+    archive.write_bytes(c.get(f"/v1/jobs/{last['id']}/artifacts/lora").raise_for_status().content)
+    lora_dir = work / "lora"
+    zipfile.ZipFile(archive).extractall(lora_dir)
+    console.print(f"downloaded the LoRA artifact of {last['id']} to {lora_dir}")
+
+    # Inference with plain transformers + peft, on a fresh base model: no service, no quantum software.
+    transformers.utils.logging.disable_progress_bar()
+    fresh, tok = load_model(model, device=device)
+    plain = load_peft_lora(fresh, lora_dir).eval()
+    prompt = tok("The history of the city", return_tensors="pt").to(device)
+    with torch.no_grad():
+        ids = plain.generate(**prompt, max_new_tokens=24, do_sample=False, pad_token_id=tok.pad_token_id)
+    summary["sample"] = tok.decode(ids[0], skip_special_tokens=True)
+    console.print(f"generated with transformers + peft from the job's LoRA: {summary['sample']!r}")
+    return summary
+
+
+def _shots(n) -> str:
+    return "unlimited" if n is None else f"{n:,}"
+
+
 def _processes() -> dict[int, tuple[int, str]]:
     """pid -> (parent pid, command line) of every process, from `ps`."""
     ps = subprocess.run(["ps", "-eo", "pid=,ppid=,args="], capture_output=True, text=True).stdout
@@ -89,14 +181,9 @@ def _still_running(tree: dict[int, str]) -> dict[int, str]:
 def run_service_demo(model: str, data_dir, device: str = "cpu", steps: int = 10, quick: bool = False) -> dict:
     """Run the two jobs and return a summary (job states, shots, the generated sample, leftover processes)."""
     import httpx
-    import torch
-    import transformers
     import uvicorn
     from rich.console import Console
 
-    from qpeft_core.adapters.io import load_peft_lora
-    from qpeft_core.train import load_model
-    from services.cli import upload_dataset
     from services.control_plane import db
     from services.control_plane.app import create_app
     from services.control_plane.ray_jobs import stop_local_head
@@ -139,78 +226,20 @@ def run_service_demo(model: str, data_dir, device: str = "cpu", steps: int = 10,
             console.print(f"local Ray head: GCS {head['gcs_address']}, Ray dashboard {head['dashboard_url']}")
 
             tenant = c.post("/v1/tenants", json={"name": "demo", "shots": None}, headers={"X-API-Key": admin})
-            key = {"X-API-Key": tenant.raise_for_status().json()["api_key"]}
-            c.headers.update(key)
-            # The training text as a user has it: a file on their machine, uploaded as `qpeft data upload` does
-            # (a copy of WikiText-2's validation split stands in for the user's own corpus).
+            c.headers.update({"X-API-Key": tenant.raise_for_status().json()["api_key"]})
+
+            def set_budget(needed: int) -> None:  # twice the Aer job's forecast: enough for it, small enough to matter
+                budget = {"shots": 2 * needed}
+                c.put("/v1/tenants/demo/budget", json=budget, headers={"X-API-Key": admin}).raise_for_status()
+                console.print(
+                    f"tenant 'demo' with a budget of {2 * needed:,} shots (the Aer job's forecast: {needed:,})"
+                )
+
+            # The training text as a user has it: a file on their machine (a copy of WikiText-2's validation
+            # split stands in for the user's own corpus).
             corpus = work / "my-corpus.txt"
             corpus.write_bytes((Path(data_dir) / "wikitext-2" / "valid.txt").read_bytes())
-            uploaded = upload_dataset(c, corpus)
-            summary["dataset"] = {k: uploaded[k] for k in ("id", "format", "rows", "sha256")}
-            console.print(f"uploaded {corpus.name}: data set {uploaded['id']} ({uploaded['rows']:,} lines)")
-
-            max_length, batch = (64, 2) if quick else (128, 4)
-            base = {
-                "base_model": model,
-                "dataset": {
-                    "train": uploaded["id"],
-                    "eval": "wikitext-2-test",
-                    "max_length": max_length,
-                    "limit": 64,
-                },
-                "method": "qpa",
-                # 2048 numbers per basis state suit SmolLM2's 230,400; a tiny test model needs far fewer
-                "method_config": {
-                    "r": 4,
-                    "quantum_grad": "per_step",
-                    "n_mlp": 64 if model.startswith("tiny") else 2048,
-                },
-                "training": {"batch_size": batch, "lr": 2e-3, "warmup_steps": 1, "eval_max_batches": 2},
-            }
-            sampled = {**base, "name": "qpa on aer", "executor": "aer", "shots": 256, "gradient": "parameter_shift"}
-            sampled["max_steps"] = 2 if quick else 3
-            exact = {**base, "name": "qpa exact", "executor": "exact", "max_steps": steps}
-            exact["training"] = {**base["training"], "eval_at_start": True}
-            # A budget of twice the Aer job's forecast: enough for it, small enough to matter.
-            shots_needed = c.post("/v1/estimate", json=sampled).raise_for_status().json()["shots"]
-            budget = 2 * shots_needed
-            c.put("/v1/tenants/demo/budget", json={"shots": budget}, headers={"X-API-Key": admin}).raise_for_status()
-            console.print(f"tenant 'demo' with a budget of {budget:,} shots (the Aer job's forecast: {shots_needed:,})")
-
-            jobs = []
-            for spec in (sampled, exact):
-                job = c.post("/v1/jobs", json=spec).raise_for_status().json()
-                shots = "exact, no shots" if spec.get("shots") is None else f"{spec['shots']} shots per circuit"
-                console.print(
-                    f"\njob {job['id']}: {spec['name']} ({model}, {spec['max_steps']} steps, {shots}); "
-                    f"forecast {job['shots']['forecast'] or 0:,} shots; {url}/dashboard/"
-                )
-                job = _follow(c, job, console)
-                console.print(f"{job['state']}: {job['reason'] or ''} (Ray job qpeft-{job['id']}, for the operator)")
-                _report(c, job, console, summary)
-                jobs.append(job)
-            b = c.get("/v1/budget").raise_for_status().json()["shots"]
-            console.print(f"\nshots spent {b['spent']:,} of a budget of {b['limit']:,} ({b['remaining']:,} left)")
-            summary.update(jobs=[(j["id"], j["state"], j["step"], j["shots"]["spent"]) for j in jobs], budget=b)
-
-            last = jobs[-1]
-            if last["state"] != "SUCCEEDED":
-                raise RuntimeError(f"job {last['id']} ended {last['state']}: {last['reason']}")
-            archive = work / "lora.zip"
-            archive.write_bytes(c.get(f"/v1/jobs/{last['id']}/artifacts/lora").raise_for_status().content)
-        lora_dir = work / "lora"
-        zipfile.ZipFile(archive).extractall(lora_dir)
-        console.print(f"downloaded the LoRA artifact of {last['id']} to {lora_dir}")
-
-        # Inference with plain transformers + peft, on a fresh base model: no service, no quantum software.
-        transformers.utils.logging.disable_progress_bar()
-        fresh, tok = load_model(model, device=device)
-        plain = load_peft_lora(fresh, lora_dir).eval()
-        prompt = tok("The history of the city", return_tensors="pt").to(device)
-        with torch.no_grad():
-            ids = plain.generate(**prompt, max_new_tokens=24, do_sample=False, pad_token_id=tok.pad_token_id)
-        summary["sample"] = tok.decode(ids[0], skip_special_tokens=True)
-        console.print(f"generated with transformers + peft from the job's LoRA: {summary['sample']!r}")
+            summary.update(run_jobs(c, console, model, corpus, work, device, steps, quick, set_budget))
     finally:
         server.should_exit = True  # the lifespan stops the reconciler
         thread.join(timeout=30)
