@@ -110,9 +110,10 @@ def create_app(settings: Settings | None = None, ray: RayJobs | None = None, rec
     app.add_exception_handler(ApiError, api_error_handler)
     app.add_exception_handler(StarletteHTTPException, http_error_handler)
     st.capacity = ClusterCapacity(st)
-    app.add_middleware(BodyLimitMiddleware, fastapi_app=app)
+    routers = [r.router for r in (jobs, job_outputs, datasets, tenants, estimate, backends, ops)]
+    for router in routers:
+        app.include_router(router)
+    app.add_middleware(BodyLimitMiddleware, fastapi_app=app, routes=[r for router in routers for r in router.routes])
     app.add_middleware(LatencyMiddleware, metrics=st.metrics)  # outermost: 413s are observed too
-    for r in (jobs, job_outputs, datasets, tenants, estimate, backends, ops):
-        app.include_router(r.router)
     app.mount("/dashboard", StaticFiles(directory=DASHBOARD, html=True), name="dashboard")
     return app

@@ -32,16 +32,22 @@ def _too_large(limit: int) -> str:
 
 
 class BodyLimitMiddleware:
-    """Pure ASGI, like LatencyMiddleware: streamed responses pass through untouched."""
+    """Pure ASGI, like LatencyMiddleware: streamed responses pass through untouched.
 
-    def __init__(self, app, fastapi_app):
-        self.app, self.fastapi_app = app, fastapi_app
+    The route is found before routing runs, so that an over-long Content-Length is refused before anything
+    else (the API key included) is looked at. `routes` are the included routers' routes: FastAPI 0.165 keeps
+    an included router as one opaque entry of the app's route list, which matches any of its paths and names
+    no endpoint, so those are looked up here and the app's list serves only routes added to the app itself."""
+
+    def __init__(self, app, fastapi_app, routes=()):
+        self.app, self.fastapi_app, self.routes = app, fastapi_app, list(routes)
 
     def _limit(self, scope) -> int | None:
         setting = DEFAULT
-        for route in self.fastapi_app.router.routes:
-            if route.matches(scope)[0] == Match.FULL:
-                setting = getattr(getattr(route, "endpoint", None), "body_limit_setting", DEFAULT)
+        for route in (*self.routes, *self.fastapi_app.router.routes):
+            endpoint = getattr(route, "endpoint", None)
+            if endpoint is not None and route.matches(scope)[0] == Match.FULL:
+                setting = getattr(endpoint, "body_limit_setting", DEFAULT)
                 break
         return None if setting is None else getattr(self.fastapi_app.state.settings, setting)
 
