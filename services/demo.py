@@ -89,7 +89,9 @@ def run_jobs(
     summary: dict = {}
     uploaded = upload_dataset(c, corpus)
     summary["dataset"] = {k: uploaded[k] for k in ("id", "format", "rows", "sha256")}
-    console.print(f"uploaded {corpus.name}: data set {uploaded['id']} ({uploaded['rows']:,} lines)")
+    console.print(
+        f"uploaded {corpus.name}: data set {uploaded['id']} ({uploaded['format']}, {uploaded['rows']:,} rows)"
+    )
 
     max_length, batch = (64, 2) if quick else (128, 4)
     dataset = {"train": uploaded["id"], "eval": eval_data or "wikitext-2-test", "max_length": max_length, "limit": 64}
@@ -235,10 +237,12 @@ def run_service_demo(model: str, data_dir, device: str = "cpu", steps: int = 10,
                     f"tenant 'demo' with a budget of {2 * needed:,} shots (the Aer job's forecast: {needed:,})"
                 )
 
-            # The training text as a user has it: a file on their machine (a copy of WikiText-2's validation
-            # split stands in for the user's own corpus).
-            corpus = work / "my-corpus.txt"
-            corpus.write_bytes((Path(data_dir) / "wikitext-2" / "valid.txt").read_bytes())
+            # The training text as a user has it: a TSV on their machine with a `text` column, one row per
+            # paragraph (WikiText-2's validation split stands in for the user's own corpus).
+            corpus = work / "my-corpus.tsv"
+            lines = (Path(data_dir) / "wikitext-2" / "valid.txt").read_text(encoding="utf-8").splitlines()
+            rows = (line.replace("\t", " ") for line in lines if line.strip())
+            corpus.write_text("text\n" + "".join(f"{row}\n" for row in rows), encoding="utf-8")
             summary.update(run_jobs(c, console, model, corpus, work, device, steps, quick, set_budget))
     finally:
         server.should_exit = True  # the lifespan stops the reconciler

@@ -26,6 +26,6 @@ def test_service_demo(monkeypatch):
     ppl = r["perplexity"]  # only the exact job evaluates before its first step too
     assert [s for s, _ in ppl[r["jobs"][0][0]]] == [2] and [s for s, _ in ppl[r["jobs"][1][0]]] == [0, 2]
     assert all(v > 1 for points in ppl.values() for _, v in points)
-    assert r["dataset"]["id"].startswith("ds_") and r["dataset"]["format"] == "text" and r["dataset"]["rows"] > 0
+    assert r["dataset"]["id"].startswith("ds_") and r["dataset"]["format"] == "tsv" and r["dataset"]["rows"] > 0
     assert r["sample"].startswith("The history of the city")
     assert r["left_processes"] == {}
