@@ -5,6 +5,7 @@ fails here rather than on the next fresh machine)."""
 import importlib.metadata as md
 import subprocess
 import sys
+import sysconfig
 import tomllib
 
 from packaging.requirements import Requirement
@@ -53,7 +54,10 @@ def test_environment_is_the_lock():
     no_deps = pins(ROOT / "requirements" / "no-deps.txt")
     project = canonicalize_name(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["name"])
     drift, unlocked = [], []
-    for dist in md.distributions():
+    # the venv's own site-packages, which `make install` fills: in one full run something earlier had put the
+    # base interpreter's site-packages on sys.path (its colorama showed up here), which is no install of ours
+    venv = sorted({sysconfig.get_paths()[key] for key in ("purelib", "platlib")})
+    for dist in md.distributions(path=venv):
         name = canonicalize_name(dist.metadata["Name"])
         want = locked.get(name) or no_deps.get(name)
         if name == project:
