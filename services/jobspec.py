@@ -149,8 +149,10 @@ class Access:
 
     def dataset(self, name: str) -> Path | None:
         if name in SHARED_DATASETS:
-            path = shared_data_dir() / SHARED_DATASETS[name]
-            return path if _is(path, "file") else None
+            try:
+                return resolve_dataset(name)
+            except FileNotFoundError:  # the operator has not laid out that shared set
+                return None
         if DATASET_ID.fullmatch(name):
             return self.uploaded(name)
         return _under(name, self.data_roots, "file")
