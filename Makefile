@@ -71,7 +71,7 @@ test: lint browser deploy-tools slurm-tools
 	$(PY) -m pytest -q
 
 demo: install
-	$(PY) -m qpeft_core.demo
+	$(PY) -m services.demo
 
 bench: install
 	$(PIP) install -q -c $(LOCK) --no-build-isolation -e '.[dev,models,bench]'

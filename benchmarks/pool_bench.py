@@ -25,11 +25,12 @@ import ray
 import torch
 
 from qpeft_core.quantum.ansatz import qpa_ansatz
-from qpeft_core.quantum.backend import ExecutionResult, TorchBackend
+from qpeft_core.quantum.backend import ExecutionResult, Executor, TorchBackend
+from qpeft_core.quantum.gradients import ParameterShift
 from services.quantum_pool import QuantumPool
 
 
-class SimulatedQPU:
+class SimulatedQPU(Executor):
     """BENCHMARK ONLY, NOT A REAL DEVICE: the exact simulator behind a fake QPU queue. Every circuit is one
     job that occupies the device for `latency_s` (time.sleep), jobs run one after another, so a call of C
     circuits takes C * latency_s. Results are the simulator's (with shots: sampled)."""
@@ -39,11 +40,11 @@ class SimulatedQPU:
         self.ansatz, self.name, self.exact, self.max_qubits = ansatz, "simulated-qpu", True, 30
         self.latency_s = latency_s
 
-    def probabilities(self, thetas, shots=None):
-        time.sleep(self.latency_s * thetas.shape[0])
-        probs, usage = self.inner.probabilities(thetas, shots)
+    def run(self, call):
+        time.sleep(self.latency_s * call.circuits)
+        probs, usage = self.inner.run(call)
         usage.backend = self.name
-        usage.qpu_s_estimated = self.latency_s * thetas.shape[0]
+        usage.qpu_s_estimated = self.latency_s * call.circuits
         return ExecutionResult(probs, usage)
 
 
@@ -90,7 +91,7 @@ def main():
         with QuantumPool(SimulatedQPU, small, n_workers=n, options=opts) as pool:
             pool.probabilities(x[:1])  # warm up
             t0 = time.perf_counter()
-            grad, usage = pool.vjp(theta, grad_probs, 1024, "parameter_shift")
+            grad, usage = ParameterShift().vjp(pool, theta, grad_probs, 1024)
             seconds[n] = time.perf_counter() - t0
         assert usage.circuits == 64 and usage.shots == 64 * 1024 and grad.shape == theta.shape
         print(f"parameter-shift gradient, 64 circuits x {args.latency_ms:.0f} ms, {n} worker(s): {seconds[n]:.2f} s")

@@ -7,10 +7,9 @@
    perplexity before/after, exports the result as a plain PEFT LoRA adapter and generates text from it
    with transformers + peft alone (no quantum software in that step).
 3. Trains a Quantum-PEFT adapter on the same model and prints its parameter count beside LoRA's.
-4. Runs the QPA fine-tune again as jobs through the embedded service (services/demo.py): a local Ray head,
-   SQLite, the API and dashboard on 127.0.0.1; a tenant with a small shot budget, one job on Aer with shots
-   and one on the exact executor, followed step by step; the job's LoRA artifact downloaded and used with
-   transformers + peft; everything stopped at the end (`--skip-service` leaves this part out).
+
+`make demo` runs `python -m services.demo`, which runs these three parts (`run` here) and then the same
+fine-tune as jobs through the embedded service; `python -m qpeft_core.demo` runs the library parts alone.
 """
 
 from __future__ import annotations
@@ -143,7 +142,7 @@ def finetune(model_name, data_dir, steps, device, out_dir):
     )
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps (for smoke tests)")
     parser.add_argument("--model", default="smollm2-135m", help="base model for the fine-tune part")
@@ -151,8 +150,11 @@ def main(argv=None):
     parser.add_argument("--data", default=None, help="the shared data folder (default: ../shared/data)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=None, help="where the exported adapter goes (default: a temp dir)")
-    parser.add_argument("--skip-service", action="store_true", help="leave out the jobs through the service")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def run(args) -> tuple[list, dict]:
+    """The library parts (1-3), printing as they go; returns the executor rows and the fine-tune figures."""
     print("== QNN fit of a target distribution (3 qubits, 3 layers) through each executor ==")
     print(
         f"{'executor':24} {'gradient':16} {'steps':>5} {'TVD':>7} {'circuits':>9} {'shots':>10} "
@@ -189,12 +191,12 @@ def main(argv=None):
         f"({r['lora8_params'] / r['qp_params']:.0f}x fewer)"
     )
     print(f"perplexity after Quantum-PEFT: {r['qp_ppl']:.2f} ({r['qp_s']:.0f} s of training)")
-    if not args.skip_service:
-        from services.demo import run_service_demo  # imports ray and fastapi: only when this part runs
-
-        print(f"\n== {args.model}: the QPA fine-tune as jobs through the embedded service ==")
-        r["service"] = run_service_demo(args.model, args.data or default_data_dir(), args.device, steps, args.quick)
+    r["steps"] = steps
     return rows, r
+
+
+def main(argv=None):
+    return run(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

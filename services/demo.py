@@ -4,8 +4,10 @@ Starts the control plane in embedded mode (SQLite and a local Ray head under a t
 and dashboard on a free 127.0.0.1 port), creates a tenant with a small shot budget, uploads a local text file
 as the tenant's data set (with the CLI's client code), submits on it a QPA job on a shot-based simulator (Aer,
 parameter shift) and one on the exact executor over the REST API, follows both, downloads the LoRA artifact,
-generates from it with plain transformers + peft, and stops everything it started. qpeft_core.demo calls
-`run_service_demo` lazily, so qpeft_core never imports ray or fastapi.
+generates from it with plain transformers + peft, and stops everything it started.
+
+`python -m services.demo` is `make demo`: qpeft_core.demo's library parts first, then this part
+(`--skip-service` leaves it out). qpeft_core never imports services.
 """
 
 from __future__ import annotations
@@ -266,3 +268,21 @@ def run_service_demo(model: str, data_dir, device: str = "cpu", steps: int = 10,
             + ("none left running" if not left else f"[red]still running:[/red] {left}")
         )
     return summary
+
+
+def main(argv=None):
+    from qpeft_core import demo as library
+
+    parser = library.build_parser()
+    parser.add_argument("--skip-service", action="store_true", help="leave out the jobs through the service")
+    args = parser.parse_args(argv)
+    rows, r = library.run(args)
+    if not args.skip_service:
+        print(f"\n== {args.model}: the QPA fine-tune as jobs through the embedded service ==")
+        data = args.data or library.default_data_dir()
+        r["service"] = run_service_demo(args.model, data, args.device, r["steps"], args.quick)
+    return rows, r
+
+
+if __name__ == "__main__":
+    main()

@@ -48,13 +48,14 @@ from pydantic import (
 from pydantic.json_schema import SkipJsonSchema
 from pydantic_core import PydanticCustomError
 
-METHODS = ("qpa", "quantum_peft", "lora")
+from qpeft_core.adapters import METHODS as ADAPTER_METHODS
+from qpeft_core.adapters.config import lookup_method
+
+# the registered adapter methods (qpeft_core.adapters.METHODS: a new method registers there) and HF PEFT's LoRA
+METHODS = (*ADAPTER_METHODS, "lora")
 TASKS = ("causal_lm", "seq_cls")
 GRADIENTS = ("auto", "autograd", "parameter_shift", "spsa")
 KNOWN_MODELS = ("smollm2-135m", "all-minilm-l6-v2", "tiny-gpt2", "tiny-llama", "tiny-bert")
-EXECUTOR_FORMS = ("exact", "aer", "aer-noisy:<fake device>", "fake-ibm:<fake device>", "ibm:<backend>")
-SHOT_EXECUTORS = ("aer-noisy", "fake-ibm", "ibm")  # these only sample: shots are required
-IBM_BACKEND_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")  # IBM's device names: ibm_torino, ibmq_kolkata
 
 # Shared data sets by name, relative to $QPEFT_SHARED_DATA (default: ../shared/data next to the repo).
 SHARED_DATASETS = {
@@ -316,14 +317,7 @@ class LoRAConfig:
 
 @functools.cache
 def config_class(method: str) -> type:
-    if method == "lora":
-        return LoRAConfig
-    from qpeft_core.adapters import QPAConfig, QuantumPEFTConfig
-
-    cls = {"qpa": QPAConfig, "quantum_peft": QuantumPEFTConfig}[method]
-    if cls is None:
-        raise ImportError(f"method {method!r} is not available in this installation")
-    return cls
+    return LoRAConfig if method == "lora" else lookup_method(method)[0]
 
 
 TOP_LEVEL = {"executor": "executor", "shots": "shots", "gradient": "gradient"}  # set on the JobSpec, not here
@@ -379,40 +373,28 @@ def _config_error(method: str, message: str, fields: list[str]) -> PydanticCusto
     return _err("method_config", f"{where}: {message}")
 
 
-@functools.cache
-def _fake_devices() -> dict[str, tuple[str, int]]:
-    """Fake IBM devices: class name -> (backend name, qubits)."""
-    from qpeft_core.quantum.qiskit_backends import _fake_backends
-
-    return {cls_name: (b.name, b.configuration().n_qubits) for cls_name, b in _fake_backends().items()}
-
-
 def fake_device_qubits(name: str) -> int | None:
-    """Qubits of a fake device by class name ('FakeManilaV2') or backend name ('fake_manila'), any case."""
-    key = name.strip().lower()
-    for cls_name, (backend_name, qubits) in _fake_devices().items():
-        if key in (cls_name.lower(), backend_name.lower()):
-            return qubits
-    return None
+    """Qubits of a fake device by class name ('FakeManilaV2') or backend name ('fake_manila'); None if unknown."""
+    from qpeft_core.quantum.qiskit_backends import fake_device_qubits
+
+    return fake_device_qubits(name)
 
 
 def check_executor(spec: str) -> str:
-    kind, sep, arg = spec.partition(":")
-    if spec in ("exact", "aer"):
-        return spec
-    if sep and kind == "ibm":
-        if not IBM_BACKEND_NAME.fullmatch(arg):
-            raise _err("executor", "not an IBM backend name (like ibm_torino); GET /v1/backends lists the executors")
-        return spec
-    if sep and arg and kind in ("aer-noisy", "fake-ibm"):
-        if fake_device_qubits(arg) is None:
-            raise _err(
-                "executor",
-                f"unknown fake device {arg!r}; use one of {', '.join(sorted(_fake_devices()))} "
-                "(GET /v1/backends lists every executor)",
-            )
-        return spec
-    raise _err("executor", f"unknown executor {spec!r}; use one of {', '.join(EXECUTOR_FORMS)}")
+    """The executor registry's parse (qpeft_core/quantum/registry.py), its message as the field's error."""
+    from qpeft_core.quantum.registry import ExecutorSpec
+
+    try:
+        return ExecutorSpec.parse(spec).text
+    except ValueError as e:
+        raise _err("executor", str(e)) from None
+
+
+def runs_circuits(method: str) -> bool:
+    """Whether the method runs quantum circuits while it trains (the method registry says; LoRA is HF PEFT's)."""
+    if method == "lora":
+        return False
+    return bool(getattr(lookup_method(method)[1], "runs_circuits", False))
 
 
 class JobSpec(_Model):
@@ -424,9 +406,14 @@ class JobSpec(_Model):
     )
     dataset: DataSpec = Field(description="a shared-data name / local path, or a DataSpec object")
     task: Literal["causal_lm", "seq_cls"] = "causal_lm"
-    method: Literal["qpa", "quantum_peft", "lora"]
+    method: Literal[METHODS]
     method_config: dict[str, Any] = Field(default_factory=dict, description="fields of the method's config class")
-    executor: str = Field("exact", max_length=200, description=f"where circuits run: {', '.join(EXECUTOR_FORMS)}")
+    executor: str = Field(
+        "exact",
+        max_length=200,
+        description="where circuits run: exact, aer, aer-noisy:<fake device>, "
+        "fake-ibm:<fake device>, ibm:<backend> (qpeft_core/quantum/registry.py; GET /v1/backends lists them)",
+    )
     executor_options: dict[str, Any] = Field(default_factory=dict, description="options for the executor")
     shots: Annotated[int, Field(strict=True, ge=1, le=10_000_000)] | None = Field(
         None, description="per circuit; none: exact"
@@ -518,12 +505,13 @@ class JobSpec(_Model):
 
     @model_validator(mode="after")
     def _consistent(self):
-        kind = self.executor.partition(":")[0]
-        if self.method != "qpa" and self.executor != "exact":
+        from qpeft_core.quantum.registry import ExecutorSpec
+
+        if not runs_circuits(self.method) and self.executor != "exact":
             raise _err(
                 "executor", f"executor: method {self.method!r} runs classically; use executor 'exact' (or method 'qpa')"
             )
-        if kind in SHOT_EXECUTORS and self.shots is None:
+        if ExecutorSpec.parse(self.executor).needs_shots and self.shots is None:
             raise _err("shots", f"shots: executor {self.executor!r} samples circuits; set shots, e.g. 1024")
         if self.gradient == "autograd" and (self.shots is not None or self.executor != "exact"):
             raise _err(
@@ -541,11 +529,12 @@ class JobSpec(_Model):
         fields = [f.name for f in dataclasses.fields(cls)]
         cfg = dict(self.method_config)
         cfg.pop("method", None)
+        quantum = runs_circuits(self.method)
         for key in cfg:
-            if self.method == "qpa" and key in TOP_LEVEL:
+            if quantum and key in TOP_LEVEL:
                 raise _err("method_config", f"method_config.{key}: set '{TOP_LEVEL[key]}' at the top level of the spec")
             if key not in fields:
-                allowed = [f for f in fields if not (self.method == "qpa" and f in TOP_LEVEL)]
+                allowed = [f for f in fields if not (quantum and f in TOP_LEVEL)]
                 raise _err("method_config", f"method_config.{key}: unknown field for {self.method}; known: {allowed}")
         _check_types(cls, cfg)
         if not cfg.get("target_modules"):
@@ -568,7 +557,7 @@ class JobSpec(_Model):
     def adapter_config(self, cfg: dict | None = None):
         """The method's config dataclass (QPAConfig / QuantumPEFTConfig / LoRAConfig), top-level fields merged."""
         cfg = dict(self.method_config if cfg is None else cfg)
-        if self.method == "qpa":
+        if runs_circuits(self.method):
             cfg.update(executor=self.executor, executor_options=self.executor_options)
             cfg.update(shots=self.shots, gradient=self.gradient)
         return config_class(self.method)(**cfg)

@@ -215,7 +215,7 @@ def test_registry_specs_and_listing(monkeypatch):
     monkeypatch.setattr(qb, "ibm_account_configured", lambda: True)
     monkeypatch.setattr(qb, "ibm_service", unreachable)
     assert {b["spec"] for b in available_backends()} == set(listing)
-    assert registry.SPEC_FORMS[0] == "exact"
+    assert registry.spec_forms()[0] == "exact"
 
 
 def test_qnn_trains_on_fake_ibm():

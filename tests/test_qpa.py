@@ -246,9 +246,9 @@ class CountingBackend(TorchBackend):
         super().__init__(ansatz, dtype=torch.float64)
         self.batches = []
 
-    def probabilities(self, thetas, shots=None):
-        self.batches.append(thetas.shape[0])
-        return super().probabilities(thetas, shots)
+    def run(self, call):
+        self.batches.append(call.circuits)
+        return super().run(call)
 
 
 def _grad_after_microbatches(quantum_grad, gradient="autograd"):
@@ -270,7 +270,7 @@ def test_per_step_and_per_backward_give_the_same_theta_gradient():
 def test_per_step_makes_one_forward_and_one_gradient_call_per_step():
     model = get_qpeft_model(llama(), small(["q_proj", "lm_head"], quantum_grad="per_step", gradient="parameter_shift"))
     backend = CountingBackend(model.method.ansatz)
-    model.method.set_backend(backend)
+    model.method.set_executor(backend)
     with torch.no_grad():
         model.method.gate.fill_(1.0)  # so every step moves the angles
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -295,10 +295,10 @@ def test_eval_reuses_generated_factors_and_freeze_needs_no_executor():
     model.freeze_generated()
 
     class Broken(TorchBackend):
-        def probabilities(self, thetas, shots=None):
+        def run(self, call):
             raise AssertionError("the executor must not run after freeze_generated()")
 
-    model.method.set_backend(Broken(model.method.ansatz))
+    model.method.set_executor(Broken(model.method.ansatz))
     model.method.generator.theta.data.add_(1.0)  # would force a new QNN run if anything asked for one
     assert model.get_nb_trainable_parameters()[0] == 0
     with torch.no_grad():
@@ -330,7 +330,7 @@ def test_config_round_trip_and_validation():
             small(**bad)
     model = get_qpeft_model(gpt2(), small())
     with pytest.raises(ValueError, match="different circuit"):
-        model.method.set_backend(TorchBackend(model.method.ansatz.__class__(1, 0, ())))
+        model.method.set_executor(TorchBackend(model.method.ansatz.__class__(1, 0, ())))
     assert math.isclose(model.method.scaling, 8.0 / 2)
 
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from qpeft_core.quantum.ansatz import qpa_ansatz
-from qpeft_core.quantum.backend import ExecutionResult, TorchBackend
-from qpeft_core.quantum.gradients import QNN
+from qpeft_core.quantum.backend import ExecutionResult, Executor, TorchBackend
+from qpeft_core.quantum.gradients import QNN, Autograd, ParameterShift, make_strategy
 from services.quantum_pool import BudgetExhausted, InMemoryLedger, QuantumPool
 from services.quantum_pool.pool import worker_resources
 
@@ -19,7 +19,7 @@ ANSATZ = qpa_ansatz(4, 3)
 ray_test = pytest.mark.usefixtures("ray_cluster")
 
 
-class TestExecutor:
+class TestExecutor(Executor):
     """Test-only executor: the exact torch simulator, slowed by `delay_s` per call, hanging once if
     `hang_file` exists (and removing it), and tagging usage.job_ids with '<pid>:<first angle>' so a test
     can see which worker ran which share."""
@@ -31,12 +31,13 @@ class TestExecutor:
         self.ansatz, self.name, self.exact, self.max_qubits = ansatz, "exact", True, 30
         self.delay_s, self.hang_file = delay_s, hang_file
 
-    def probabilities(self, thetas, shots=None):
+    def run(self, call):
+        thetas = call.thetas
         if self.hang_file and os.path.exists(self.hang_file):
             os.remove(self.hang_file)
             time.sleep(120)
         time.sleep(self.delay_s)
-        probs, usage = self.inner.probabilities(thetas, shots)
+        probs, usage = self.inner.run(call)
         usage.job_ids.append(f"{os.getpid()}:{float(thetas[0, 0]):.6f}")
         return ExecutionResult(probs, usage)
 
@@ -153,12 +154,15 @@ def test_qnn_through_pool_trains_and_matches_local_gradient():
         ((qnn(t_pool) - target) ** 2).sum().backward()
         ((local(t_local) - target) ** 2).sum().backward()
         assert torch.allclose(t_pool.grad, t_local.grad, atol=1e-10)
-        # vjp on the pool, both the split parameter-shift one and the worker-side autograd one
+        # a VJP whose shifted circuits the pool splits over its workers; the pool only runs circuits, so
+        # "auto" is parameter shift on it and autograd (which differentiates a local simulator) is refused
         g = torch.randn(2, 16, dtype=torch.float64)
         ref = torch.autograd.grad(local(t_local), t_local, g)[0]
-        for strategy in ("parameter_shift", "autograd"):
-            grad, usage = pool.vjp(x.double(), g, None, strategy)
-            assert torch.allclose(grad, ref, atol=1e-10), strategy
+        grad, usage = ParameterShift().vjp(pool, x.double(), g, None)
+        assert torch.allclose(grad, ref, atol=1e-10) and usage.circuits == 2 * 2 * ANSATZ.n_params
+        assert isinstance(make_strategy("auto", pool, None), ParameterShift)
+        with pytest.raises(ValueError, match="autograd"):
+            Autograd().vjp(pool, x.double(), g, None)
         # a few optimizer steps through the pool: the loss goes down
         theta = x.clone().double().requires_grad_()
         opt = torch.optim.Adam([theta], lr=0.1)

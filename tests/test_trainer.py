@@ -47,6 +47,8 @@ def make_spec(corpus, **over) -> JobSpec:
         "method": "qpa",
         "method_config": QPA,
         "executor": "exact",
+        # exact circuits on the pool (autograd, which "auto" picks for exact, differentiates in the trainer)
+        "gradient": "parameter_shift",
         "max_steps": 6,
         "training": {"batch_size": 4, "lr": 1e-2, "save_every": 2, "eval_max_batches": 2, "lr_scale": {"gate": 3}},
         "scaling": {"num_workers": 2},

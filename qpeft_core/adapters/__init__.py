@@ -1,6 +1,6 @@
 """Adapter methods and the toolkit they share (see model.py for the method contract)."""
 
-from .config import METHODS, AdapterConfig, config_from_dict, register_method
+from .config import METHODS, AdapterConfig, config_from_dict, method_runs_circuits, register_method
 from .layers import AdaptedLinear, TargetInfo
 from .model import AdapterMethod, QPEFTModel, get_qpeft_model
 from .qpa import QPAConfig, QPAMethod
@@ -24,5 +24,6 @@ __all__ = [
     "TargetInfo",
     "config_from_dict",
     "get_qpeft_model",
+    "method_runs_circuits",
     "register_method",
 ]

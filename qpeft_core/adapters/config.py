@@ -28,6 +28,11 @@ def lookup_method(name: str, where: str = "config") -> tuple[type, type]:
     return METHODS[name]
 
 
+def method_runs_circuits(name: str) -> bool:
+    """Whether the registered method `name` runs quantum circuits while it trains (its `runs_circuits`)."""
+    return bool(getattr(lookup_method(name)[1], "runs_circuits", False))
+
+
 def _plain(v):
     # JSON has no tuples; lists read back fine into tuple-typed fields through __post_init__ or as-is
     return list(v) if isinstance(v, tuple) else v

@@ -12,10 +12,16 @@ The method contract (what a method such as QPA or Quantum-PEFT implements):
   with every scaling folded in, differentiable w.r.t. the method's parameters. r may differ per target.
   It must be (near) zero at initialisation so the wrapped model starts where the base model is.
 - Optional hooks (defaults do nothing): `before_forward()` runs at the start of every wrapped forward;
-  `before_optimizer_step()` is called by training loops after the backward passes of a step and before
-  `optimizer.step()`; `export_factors()` (default: `factors()`) may return a different split with the same
-  products for LoRA export; `extra_state() -> dict[str, Tensor]` is saved next to the state_dict and
-  handed back to `load_extra_state(dict)` on load (after `load_state_dict` and the move to the device).
+  `before_optimizer_step(average=None)` is called by training loops after the backward passes of a step and
+  before `optimizer.step()` (a data-parallel loop passes `average`, its mean over the replicas, for
+  gradients the method takes outside backward); `before_save()` runs on every process before the main one
+  saves (for state that takes a collective call to bring up to date); `export_factors()` (default:
+  `factors()`) may return a different split with the same products for LoRA export; `extra_state() ->
+  dict[str, Tensor]` is saved next to the state_dict and handed back to `load_extra_state(dict)` on load
+  (after `load_state_dict` and the move to the device).
+- `runs_circuits` (class attribute): True for a method that runs quantum circuits while it trains (QPA);
+  the JobSpec, the forecast and the trainer read it through `method_runs_circuits(name)` instead of naming
+  methods.
 - Registration: `register_method(name, ConfigClass, MethodClass)` at import of the method's package.
 
 The wrapper calls `factors()` once per forward (cached while parameters are unchanged under no_grad),
@@ -38,6 +44,8 @@ from .layers import AdaptedLinear, TargetInfo, find_modules, find_targets, injec
 class AdapterMethod(nn.Module):
     """Base class of every method: see the module docstring for the contract."""
 
+    runs_circuits = False  # True: it has a QNN, whose angles get their gradient in before_optimizer_step
+
     def __init__(self, config: AdapterConfig, targets: dict[str, TargetInfo]):
         super().__init__()
         self.config, self.targets = config, dict(targets)
@@ -48,7 +56,10 @@ class AdapterMethod(nn.Module):
     def before_forward(self) -> None:
         pass
 
-    def before_optimizer_step(self) -> None:
+    def before_optimizer_step(self, average=None) -> None:
+        pass
+
+    def before_save(self) -> None:
         pass
 
     def export_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -133,9 +144,15 @@ class QPEFTModel(nn.Module):
             self._prepare()
         return self.base_model.generate(*args, **kwargs)
 
-    def before_optimizer_step(self) -> None:
-        """Call after the backward passes of a step, before optimizer.step() (per-step quantum gradients)."""
-        self.method.before_optimizer_step()
+    def before_optimizer_step(self, average=None) -> None:
+        """Call after the backward passes of a step, before optimizer.step() (per-step quantum gradients).
+        A data-parallel loop passes `average` (tensor -> its mean over the replicas)."""
+        self.method.before_optimizer_step(average)
+
+    def before_save(self) -> None:
+        """Call on every process of a data-parallel run before the main process alone saves: whatever the save
+        needs that takes a collective call (QPA measures the current angles) happens here, on all of them."""
+        self.method.before_save()
 
     def freeze_generated(self) -> None:
         """Materialise the current factors; from now on no quantum executor is needed (nor trained)."""

@@ -1,9 +1,13 @@
 """The executor protocol: the one seam between training code and wherever circuits run.
 
-Every executor is bound to one ansatz and answers `probabilities(thetas [B, P], shots)` with the
-probabilities of all 2^n basis states (qubit q = bit q of the index, see ansatz.py) and a `Usage`
+Every executor is bound to one ansatz and answers a `CircuitCall` (parameter sets [B, P] and shots) with
+the probabilities of all 2^n basis states (qubit q = bit q of the index, see ansatz.py) and a `Usage`
 record of what the call cost. Swapping a real QPU for a simulator means swapping the executor, nothing
 else.
+
+As with a Qiskit primitive's PUB, a call is checked once where it enters (`check_call`, done by
+`Executor.probabilities` and by the gradient strategies) and then trusted by every layer below it:
+`run(call)` of a pool, a remote handle, a worker and the executor itself never checks it again.
 """
 
 from __future__ import annotations
@@ -45,6 +49,32 @@ class Usage:
         )
 
 
+class ExecutionRefused(RuntimeError):
+    """An executor declined a call it could not pay for (a budget); a training loop stops cleanly at it,
+    keeping its last checkpoint."""
+
+
+class CircuitCall(NamedTuple):
+    """One unit of work for an executor: B parameter sets of its ansatz, each run once (shots=None: exact
+    probabilities) or sampled `shots` times. Build it with `check_call`; below that, it is trusted."""
+
+    thetas: torch.Tensor  # [B, P]
+    shots: int | None
+    tag: str = ""  # what the call is for ("forward", "gradient"), for accounting; executors ignore it
+
+    @property
+    def circuits(self) -> int:
+        return self.thetas.shape[0]
+
+    @property
+    def total_shots(self) -> int:
+        return self.circuits * (self.shots or 0)
+
+    def split(self, n: int) -> list[CircuitCall]:
+        """n contiguous shares (copies: a view would ship the whole storage to another process)."""
+        return [CircuitCall(t.clone(), self.shots, self.tag) for t in torch.tensor_split(self.thetas, n)]
+
+
 class ExecutionResult(NamedTuple):
     probs: torch.Tensor  # [B, 2^n], float64 for shot counts, the input dtype for exact simulation
     usage: Usage
@@ -59,11 +89,25 @@ class QuantumBackend(Protocol):
     exact: bool  # True when shots=None gives exact probabilities
     max_qubits: int | None
 
+    def run(self, call: CircuitCall) -> ExecutionResult: ...
+
     def probabilities(self, thetas: torch.Tensor, shots: int | None = None) -> ExecutionResult: ...
 
 
-def check_call(backend: QuantumBackend, thetas, shots) -> torch.Tensor:
-    """Validate the arguments every executor takes; returns thetas as [B, P]."""
+class Executor:
+    """Base of the executors: `probabilities(thetas, shots)` checks the call once and hands it to `run`."""
+
+    def run(self, call: CircuitCall) -> ExecutionResult:
+        raise NotImplementedError
+
+    def probabilities(self, thetas, shots: int | None = None) -> ExecutionResult:
+        return self.run(check_call(self, thetas, shots))
+
+
+def check_call(backend: QuantumBackend, thetas, shots, tag: str = "") -> CircuitCall:
+    """Validate the arguments every executor takes, as a CircuitCall with thetas [B, P]."""
+    if isinstance(thetas, CircuitCall):
+        raise TypeError("check_call takes thetas and shots; a CircuitCall is already checked: pass it to run()")
     a = backend.ansatz
     if not torch.is_tensor(thetas):
         thetas = torch.as_tensor(thetas, dtype=torch.float64)
@@ -78,7 +122,7 @@ def check_call(backend: QuantumBackend, thetas, shots) -> torch.Tensor:
         raise ValueError(f"shots must be a positive int or None (exact), got {shots!r}")
     if shots is None and not backend.exact:
         raise ValueError(f"shots=None asks for exact probabilities, which {backend.name} cannot give")
-    return thetas
+    return CircuitCall(thetas, shots, tag)
 
 
 def check_qubits(ansatz: Ansatz, max_qubits: int | None, where: str):
@@ -97,7 +141,7 @@ def sample_counts(probs: torch.Tensor, shots: int, generator: torch.Generator) -
     return counts / shots
 
 
-class TorchBackend:
+class TorchBackend(Executor):
     """Exact statevector simulation with the fast torch simulator; with shots, sampled (seeded).
 
     `device` and `dtype` pick where and in what precision it simulates (CPU or CUDA, float32/float64).
@@ -116,8 +160,8 @@ class TorchBackend:
         """Differentiable exact probabilities (autograd through the adjoint simulator)."""
         return simulator.probabilities(self.ansatz, thetas.to(self.device, self.dtype))
 
-    def probabilities(self, thetas, shots=None) -> ExecutionResult:
-        thetas = check_call(self, thetas, shots)
+    def run(self, call: CircuitCall) -> ExecutionResult:
+        thetas, shots, _ = call
         t0 = time.perf_counter()
         with torch.no_grad():
             probs = self.exact_probabilities(thetas)

