@@ -12,13 +12,13 @@ The method contract (what a method such as QPA or Quantum-PEFT implements):
   with every scaling folded in, differentiable w.r.t. the method's parameters. r may differ per target.
   It must be (near) zero at initialisation so the wrapped model starts where the base model is.
 - Optional hooks (defaults do nothing): `before_forward()` runs at the start of every wrapped forward;
-  `before_optimizer_step(average=None)` is called by training loops after the backward passes of a step and
-  before `optimizer.step()` (a data-parallel loop passes `average`, its mean over the replicas, for
-  gradients the method takes outside backward); `before_save()` runs on every process before the main one
-  saves (for state that takes a collective call to bring up to date); `export_factors()` (default:
-  `factors()`) may return a different split with the same products for LoRA export; `extra_state() ->
-  dict[str, Tensor]` is saved next to the state_dict and handed back to `load_extra_state(dict)` on load
-  (after `load_state_dict` and the move to the device).
+  `before_optimizer_step(average=None, step=None)` is called by training loops after the backward passes of a
+  step and before `optimizer.step()` (a data-parallel loop passes `average`, its mean over the replicas, for
+  gradients the method takes outside backward; `step` is the optimizer steps already taken); `before_save()`
+  runs on every process before the main one saves (for state that takes a collective call to bring up to
+  date); `export_factors()` (default: `factors()`) may return a different split with the same products for
+  LoRA export; `extra_state() -> dict[str, Tensor]` is saved next to the state_dict and handed back to
+  `load_extra_state(dict)` on load (after `load_state_dict` and the move to the device).
 - `runs_circuits` (class attribute): True for a method that runs quantum circuits while it trains (QPA);
   the JobSpec, the forecast and the trainer read it through `method_runs_circuits(name)` instead of naming
   methods.
@@ -56,7 +56,7 @@ class AdapterMethod(nn.Module):
     def before_forward(self) -> None:
         pass
 
-    def before_optimizer_step(self, average=None) -> None:
+    def before_optimizer_step(self, average=None, step: int | None = None) -> None:
         pass
 
     def before_save(self) -> None:
@@ -144,10 +144,11 @@ class QPEFTModel(nn.Module):
             self._prepare()
         return self.base_model.generate(*args, **kwargs)
 
-    def before_optimizer_step(self, average=None) -> None:
+    def before_optimizer_step(self, average=None, step: int | None = None) -> None:
         """Call after the backward passes of a step, before optimizer.step() (per-step quantum gradients).
-        A data-parallel loop passes `average` (tensor -> its mean over the replicas)."""
-        self.method.before_optimizer_step(average)
+        A data-parallel loop passes `average` (tensor -> its mean over the replicas); a loop that counts
+        passes `step` (optimizer steps already taken)."""
+        self.method.before_optimizer_step(average, step)
 
     def before_save(self) -> None:
         """Call on every process of a data-parallel run before the main process alone saves: whatever the save

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -234,6 +235,7 @@ def train(
     model, optimizer = accelerator.prepare(model, optimizer)
     raw = accelerator.unwrap_model(model)
     hook = getattr(raw, "before_optimizer_step", None)
+    takes = set(inspect.signature(hook).parameters) if callable(hook) else set()
     before_save = getattr(raw, "before_save", None)
     average = (lambda t: accelerator.reduce(t, "mean")) if accelerator.num_processes > 1 else None
     if hooks.install_executor is not None:
@@ -308,7 +310,8 @@ def train(
                         accelerator.backward(loss)
                     loss_sum += loss.detach()
                 if callable(hook):
-                    hook() if average is None else hook(average=average)
+                    hook_kw = {"step": step} if "step" in takes else {}
+                    hook(**hook_kw, **({"average": average} if average is not None else {}))
             except ExecutionRefused as e:  # mid-step: the weights are the last step's; nothing more is saved
                 reason, detail = "refused", f"{e} (during step {step + 1})"
                 break

@@ -11,7 +11,7 @@ ACTIVATIONS = ("gelu", "relu", "silu", "tanh", "none")
 CHOICES = {
     "entangler": ("ladder", "ring"),
     "bit_features": ("index", "pairs", "triples", "random"),
-    "gradient": ("auto", "autograd", "parameter_shift", "spsa"),
+    "gradient": ("auto", "autograd", "parameter_shift", "spsa", "shot_adaptive"),
     "quantum_grad": ("per_backward", "per_step"),
     "mapping": ("default", "reference"),
     "layout": ("target", "rows"),
@@ -42,6 +42,15 @@ class QPAConfig(AdapterConfig):
     gamma, beta, alpha: post-processing p~ = (beta tanh(gamma 2^(N-1) p))^alpha - mean.
     executor, executor_options: where circuits run, a spec for qpeft_core.quantum.registry.make_backend.
     gradient, shots: the gradient strategy ("auto": autograd when exact, else parameter-shift); None = exact.
+        "shot_adaptive" (parameter shift with shots per angle from the estimated noise, up to `shots`) and
+        "spsa" (with `samples` averaged and a decaying perturbation) are the shot-frugal ones.
+    gradient_options: the strategy's own settings (qpeft_core.quantum.gradients), e.g. {"samples": 4,
+        "decay": 0.101} for spsa, {"min_shots": 32, "snr": 4.0} for shot_adaptive.
+    quantum_update_every: k > 1 updates the angles every k optimizer steps only, from dL/dp averaged over
+        those k steps; the measured p is reused in between (k times fewer circuit calls; the mapping MLP
+        still trains every step). A resumed run restarts the count at its checkpoint.
+    warm_start_steps: the first steps run the QNN on the exact simulator (no shots), then the configured
+        executor takes over from the angles reached.
     quantum_grad: "per_backward" pushes dL/dtheta at every backward (plain loops work); "per_step" once per
         optimizer step from the accumulated dL/dp, in the `before_optimizer_step()` hook.
     mapping: "default" adds one learnable gate per target on B, started at 0, so Delta W = 0 at init;
@@ -70,11 +79,14 @@ class QPAConfig(AdapterConfig):
     executor: str = "exact"
     executor_options: dict = field(default_factory=dict)
     gradient: str = "auto"
+    gradient_options: dict = field(default_factory=dict)
     shots: int | None = None
     quantum_grad: str = "per_backward"
     seed: int = 0
     mapping: str = "default"
     layout: str = "target"
+    quantum_update_every: int = 1
+    warm_start_steps: int = 0
 
     def __post_init__(self):
         super().__post_init__()
@@ -83,7 +95,22 @@ class QPAConfig(AdapterConfig):
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"QPAConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        for name in ("r", "n_mlp", "qnn_depth"):
+        if (
+            isinstance(self.warm_start_steps, bool)
+            or not isinstance(self.warm_start_steps, int)
+            or (self.warm_start_steps < 0)
+        ):
+            raise ValueError(f"QPAConfig.warm_start_steps must be an int >= 0, got {self.warm_start_steps!r}")
+        from ...quantum.gradients import STRATEGIES, build_strategy
+
+        if self.gradient in STRATEGIES:
+            try:
+                build_strategy(self.gradient, self.gradient_options)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"QPAConfig.gradient_options: {e}") from None
+        elif self.gradient_options:
+            raise ValueError("QPAConfig.gradient_options: set gradient explicitly (not 'auto') to pass options to it")
+        for name in ("r", "n_mlp", "qnn_depth", "quantum_update_every"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"QPAConfig.{name} must be a positive int, got {v!r}")

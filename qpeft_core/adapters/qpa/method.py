@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ...quantum.ansatz import qpa_ansatz
-from ...quantum.backend import Usage
+from ...quantum.backend import TorchBackend, Usage
 from ...quantum.gradients import QNN
 from ..model import AdapterMethod
 from .generator import QPAGenerator, n_gates, resolve_widths
@@ -53,7 +53,9 @@ class QPAMethod(AdapterMethod):
         self.quantum_grad = config.quantum_grad
         self.usage = Usage(config.executor)
         self.calls = {"forward": 0, "gradient": 0}  # executor calls made by this method
-        self._qnn, self._qnn_auto = None, True
+        self._qnn, self._qnn_auto, self._warm_qnn = None, True, None
+        self.steps_done = 0  # optimizer steps seen (the loop says which step it is when it can)
+        self._pending, self._pending_n = None, 0  # dL/dp summed over the current quantum update period
         self.probs, self._probs_key, self._probs_theta = None, None, None
         self.rows = self._row_offsets() if config.layout == "rows" else None
 
@@ -72,18 +74,28 @@ class QPAMethod(AdapterMethod):
             opts = {"seed": self.config.seed, **self.config.executor_options}
             if self.config.executor == "exact":
                 opts = {"device": device, "dtype": torch.float64, **opts}
-            self._qnn = QNN(
-                make_backend(self.config.executor, self.ansatz, **opts), self.config.gradient, self.config.shots
-            )
+            backend = make_backend(self.config.executor, self.ansatz, **opts)
+            self._qnn = QNN(backend, self.config.gradient, self.config.shots, self.config.gradient_options)
             self._qnn_device, self._qnn_auto = device, True
         return self._qnn
+
+    @property
+    def active_qnn(self) -> QNN:
+        """The QNN of this step: the exact simulator during warm_start_steps, then the configured executor."""
+        if self.steps_done >= self.config.warm_start_steps:
+            return self.qnn
+        device = self.generator.theta.device
+        if self._warm_qnn is None or self._warm_qnn.backend.device != device:
+            self._warm_qnn = QNN(TorchBackend(self.ansatz, device=device, dtype=torch.float64, seed=self.config.seed))
+        return self._warm_qnn
 
     def set_executor(self, executor) -> None:
         """Run circuits on `executor` (any QuantumBackend for this method's `ansatz`, e.g. a remote pool); the
         gradient strategy is the config's, resolved for that executor."""
         if executor.ansatz.n_qubits != self.n_qubits or executor.ansatz.n_params != self.ansatz.n_params:
             raise ValueError(f"executor runs a different circuit than this QPA's {self.ansatz.family} ansatz")
-        self._qnn, self._qnn_auto = QNN(executor, self.config.gradient, self.config.shots), False
+        cfg = self.config
+        self._qnn, self._qnn_auto = QNN(executor, cfg.gradient, cfg.shots, cfg.gradient_options), False
 
     # --- quantum forward and gradient --------------------------------------------------------------
     def _key(self):
@@ -100,7 +112,7 @@ class QPAMethod(AdapterMethod):
         ):
             self._set_probs(self.probs)  # same angles in a new tensor (.to(), load): keep the measured p
         if self.probs is None or self._probs_key != self._key():
-            probs, usage = self.qnn.forward(theta.detach()[None])
+            probs, usage = self.active_qnn.forward(theta.detach()[None])
             self.usage, self.calls["forward"] = self.usage + usage, self.calls["forward"] + 1
             self._set_probs(probs[0])
         return self.probs
@@ -112,27 +124,36 @@ class QPAMethod(AdapterMethod):
         self.probs, self._probs_key, self._probs_theta = p, self._key(), theta.detach().clone()
 
     def _on_probs_grad(self, grad):
-        if self.quantum_grad == "per_backward":
+        if self.quantum_grad == "per_backward" and self.config.quantum_update_every == 1:
             self._push_theta_grad(grad)
 
     def _push_theta_grad(self, grad_probs: torch.Tensor) -> None:
         theta = self.generator.theta
         if not theta.requires_grad:
             return
-        g, usage = self.qnn.vjp(theta.detach()[None], grad_probs.detach()[None])
+        g, usage = self.active_qnn.vjp(theta.detach()[None], grad_probs.detach()[None])
         self.usage, self.calls["gradient"] = self.usage + usage, self.calls["gradient"] + 1
         g = g[0].to(theta.device, theta.dtype)
         theta.grad = g if theta.grad is None else theta.grad + g
 
-    def before_optimizer_step(self, average=None) -> None:
-        """quantum_grad="per_step": one gradient call from the accumulated dL/dp. `average` (a data-parallel
-        loop's mean over replicas) is applied to dL/dp first, so every replica sends the same VJP."""
-        p = self.probs
-        if p is None or p.grad is None:
-            return
-        if self.quantum_grad == "per_step":
-            self._push_theta_grad(p.grad if average is None else average(p.grad))
-        p.grad = None
+    def before_optimizer_step(self, average=None, step: int | None = None) -> None:
+        """The angles' gradient for this optimizer step, from the accumulated dL/dp: once per step
+        (quantum_grad="per_step"), or once per quantum_update_every steps from their mean. `average` (a
+        data-parallel loop's mean over replicas) is applied to dL/dp first, so every replica sends the same
+        VJP; `step` (optimizer steps already taken; counted here when a loop does not pass it) places the
+        step in the warm start and the update period."""
+        self.steps_done = self.steps_done if step is None else step
+        p, k = self.probs, self.config.quantum_update_every
+        if p is not None and p.grad is not None and (self.quantum_grad == "per_step" or k > 1):
+            grad = p.grad if average is None else average(p.grad)
+            self._pending = grad if self._pending is None else self._pending + grad
+            self._pending_n += 1
+            if (self.steps_done + 1) % k == 0:
+                self._push_theta_grad(self._pending / self._pending_n)
+                self._pending, self._pending_n = None, 0
+        if p is not None:
+            p.grad = None
+        self.steps_done += 1
 
     def before_save(self) -> None:
         self.quantum_probs()  # extra_state saves them: measured here, on every replica, not on one alone
