@@ -87,7 +87,7 @@ class ExecutorSpec:
         kind, arg = KINDS.get(prefix.strip()), arg.strip()
         if kind is None or (kind.arg is None and sep) or (kind.arg is not None and not sep):
             raise ValueError(
-                f"unknown backend spec {text!r}; allowed forms: {', '.join(spec_forms())}; "
+                f"unknown backend spec {text!r}; use one of {', '.join(spec_forms())}; "
                 f"fake devices: {', '.join(_qb().fake_devices())}"
             )
         if kind.arg is not None:
