@@ -45,6 +45,11 @@ class Usage:
         )
 
 
+class ExecutionRefused(RuntimeError):
+    """An executor declined a call it could not pay for (a budget); a training loop stops cleanly at it,
+    keeping its last checkpoint."""
+
+
 class ExecutionResult(NamedTuple):
     probs: torch.Tensor  # [B, 2^n], float64 for shot counts, the input dtype for exact simulation
     usage: Usage

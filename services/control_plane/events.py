@@ -1,4 +1,4 @@
-"""The trainer's structured events, read from its Ray job log and stored.
+"""The trainer's structured events (services/contract/events.py), read from its Ray job log and stored.
 
 A trainer prints `QPEFT_EVENT <json>` lines on stdout (anywhere in the line, so prefixes that Ray adds to
 worker output do not matter). Types:
@@ -23,7 +23,7 @@ from pathlib import Path
 from sqlalchemy import delete
 from sqlalchemy.orm import Session
 
-from services.trainer.events import parse  # the one definition of the line format, shared with the trainer
+from services.contract.events import parse  # the one definition of the line format, shared with the trainer
 
 from .models import FINAL_STATES, SUB_STATES, Job, JobArtifact, JobLog, JobMetric, now
 

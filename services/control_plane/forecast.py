@@ -15,7 +15,7 @@ import inspect
 import json
 from pathlib import Path
 
-from services.jobspec import JobSpec
+from services.contract.jobspec import JobSpec
 
 from .errors import ApiError
 
@@ -105,7 +105,7 @@ def warm_up_qiskit() -> None:
     seen with qiskit 2.6 when the first thread had exited). Doing it once on the long-lived main thread
     avoids that; it also takes the ~2 s catalogue load off the first request."""
     from qpeft_core.quantum import qiskit_backends as qb
-    from services.jobspec import fake_device_qubits
+    from services.contract.jobspec import fake_device_qubits
 
     fake_device_qubits("FakeManilaV2")
     qb.fake_device("FakeManilaV2").num_qubits  # noqa: B018  (builds the Target: standard gates, parameters)

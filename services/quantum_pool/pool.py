@@ -25,8 +25,8 @@ from ray.exceptions import GetTimeoutError, RayActorError
 
 from qpeft_core.quantum.backend import ExecutionResult, Usage, check_call, check_qubits
 from qpeft_core.quantum.gradients import make_strategy
+from services.contract.ledger import BudgetExhausted, InMemoryLedger, ShotLedger
 
-from .ledger import BudgetExhausted, InMemoryLedger, ShotLedger
 from .worker import remote_worker
 
 log = logging.getLogger(__name__)

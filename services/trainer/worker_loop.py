@@ -28,9 +28,8 @@ from qpeft_core.adapters import get_qpeft_model
 from qpeft_core.quantum.backend import ExecutionResult, Usage
 from qpeft_core.train import Batches, TrainConfig, checkpoint, evaluate, load_data, load_model, make_lora_model
 from qpeft_core.train.loop import lr_factor, param_groups
-from services.jobspec import JobSpec
-
-from . import events
+from services.contract import events
+from services.contract.jobspec import JobSpec
 
 
 class BudgetStop(RuntimeError):
