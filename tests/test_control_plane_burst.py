@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Annotated
 
 import httpx
+import pytest
+from fastapi import APIRouter, Depends
 
 from services.control_plane.app import create_app
+from services.control_plane.auth import Db, SessionReleasingRoute
 from tests.test_control_plane_support import (  # noqa: F401  (fixtures)
     SPEC,
     FakeRay,
@@ -105,3 +109,29 @@ def test_500_requests_at_once_on_a_pool_of_2_all_answer(tmp_path, pg_admin, monk
         assert streamed[0] == "a line after the burst" and '"a line after the burst"' in streamed[1]
     finally:
         _drop_schema(pg_admin, schema, url)
+
+
+def _needs_db(db: Db) -> int:  # a sync dependency: its own hop, before the endpoint's
+    return 1
+
+
+def _uses(n: Annotated[int, Depends(_needs_db)]):
+    return n
+
+
+async def _streams(db: Db):  # database work on the event loop, its session open until the response ends
+    return 1
+
+
+def _fine(db: Db):
+    return 1
+
+
+def test_a_route_that_could_hold_a_session_between_hops_is_refused_when_built():
+    router = APIRouter(route_class=SessionReleasingRoute)
+    with pytest.raises(TypeError, match="_needs_db"):
+        router.add_api_route("/a", _uses)
+    with pytest.raises(TypeError, match="_streams"):
+        router.add_api_route("/b", _streams)
+    router.add_api_route("/c", _fine)
+    assert [r.path for r in router.routes] == ["/c"]
