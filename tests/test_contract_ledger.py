@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import pickle
 import threading
 
 import pytest
@@ -70,6 +71,8 @@ def test_ledger_counts_qpu_seconds_and_refuses_like_the_sql_one():
     with pytest.raises(BudgetExhausted, match="QPU-time") as e:
         led.reserve("t", 1, qpu_s=5.0)  # the estimate does not fit beside the one in flight
     assert isinstance(e.value, ExecutionRefused)  # a training loop stops cleanly at it
+    again = pickle.loads(pickle.dumps(e.value))  # as Ray ships it from a pool to a trainer
+    assert (type(again), str(again), again.key) == (BudgetExhausted, str(e.value), "t")
     led.commit(a, 100, qpu_s=7.5)  # what the executor reported, not the estimate
     b = led.reserve("t", 10, qpu_s=1.0)
     led.commit(b, 10)  # nothing reported: the estimate is charged

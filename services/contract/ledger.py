@@ -39,7 +39,10 @@ class BudgetExhausted(ExecutionRefused):
             if used < budget:
                 why += f", {held:.3f} s held by calls in flight, {wanted:.3f} s more requested"
         super().__init__(why)
-        self.key, self.requested, self.remaining = key, requested, remaining
+        self.key, self.requested, self.remaining, self.qpu_s = key, requested, remaining, qpu_s
+
+    def __reduce__(self):  # rebuilt from its fields where it crosses a process (Ray), not from the message
+        return (BudgetExhausted, (self.key, self.requested, self.remaining, self.qpu_s))
 
 
 def refusal(acc, key: str, shots: int, qpu_s: float) -> BudgetExhausted | None:

@@ -33,4 +33,3 @@ def migrate(url: str) -> None:
         cfg = alembic_config(url)
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
-
