@@ -64,8 +64,9 @@ class SessionReleasingRoute(APIRoute):
       the rows (closing detaches them with their loaded attributes) or a response;
     - no dependency takes it: authentication reads the key in a short session of its own (`check_key`);
     - an async endpoint does its database work in `run_in_threadpool` calls, each with its own session.
-    Endpoints use one connection at a time: the ledger's reads go through the session
-    (`SQLLedger.account(key, db)`)."""
+    And an endpoint holds one connection at a time: a second checkout while holding one (the ledger reading
+    on its own connection) can leave a small pool's holders all waiting for each other, so the ledger reads
+    through the session (`SQLLedger.account(key, db)`) and writes only after the session is closed."""
 
     def __init__(self, path: str, endpoint, **kwargs):
         if not inspect.iscoroutinefunction(endpoint):
