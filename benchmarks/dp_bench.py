@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import ray  # noqa: E402
 
-from services.jobspec import JobSpec  # noqa: E402
+from services.contract.jobspec import JobSpec  # noqa: E402
 from services.trainer.run import TrainerRun  # noqa: E402
 
 

@@ -144,7 +144,7 @@ def upload_dataset(client, path: Path, fmt: str | None = None) -> dict:
 
 def _local_file(value, base: Path) -> Path | None:
     """A dataset value of a spec that names a file on this machine (relative to the spec's folder or here)."""
-    from services.jobspec import DATASET_ID, SHARED_DATASETS
+    from services.contract.jobspec import DATASET_ID, SHARED_DATASETS
 
     if not isinstance(value, str) or value in SHARED_DATASETS or DATASET_ID.fullmatch(value):
         return None
@@ -381,8 +381,8 @@ def demo(
     library and service, on an embedded server of its own.)"""
     import tempfile
 
+    from services.contract.jobspec import shared_data_dir
     from services.demo import run_jobs
-    from services.jobspec import shared_data_dir
 
     corpus = corpus or shared_data_dir() / "wikitext-2" / "valid.txt"
     if not corpus.is_file():

@@ -188,7 +188,7 @@ def run_service_demo(model: str, data_dir, device: str = "cpu", steps: int = 10,
     import uvicorn
     from rich.console import Console
 
-    from services.control_plane import db
+    from services.contract.engine import dispose
     from services.control_plane.app import create_app
     from services.control_plane.ray_jobs import stop_local_head
     from services.control_plane.settings import Settings
@@ -253,7 +253,7 @@ def run_service_demo(model: str, data_dir, device: str = "cpu", steps: int = 10,
             head = json.loads(ray_state.read_text())
         tree = _tree(head["pgid"]) if head.get("pgid") else {}
         stop_local_head(settings.data_dir)
-        db.dispose(settings.db_url)
+        dispose(settings.db_url)
         for _ in range(40):  # Ray's workers exit a moment after the head
             if not _still_running(tree):
                 break

@@ -21,8 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-from services.control_plane.ledger import SQLLedger
-from services.quantum_pool.ledger import BudgetExhausted
+from services.contract.ledger import BudgetExhausted
+from services.contract.sql_ledger import SQLLedger
 
 CIRCUITS_PER_STEP = 3
 stop = False

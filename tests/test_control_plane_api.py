@@ -437,10 +437,11 @@ def test_burst_beyond_the_pool_and_threads_never_stalls(tmp_path, pg_admin, monk
     must be answered (with the hazard, they fail after pool_timeout)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from services.control_plane import db
     from tests.test_control_plane_support import _drop_schema, _pg_schema_url
 
-    monkeypatch.setattr(db, "PG_POOL", {"pool_size": 2, "max_overflow": 0, "pool_timeout": 10})
+    monkeypatch.setenv("QPEFT_DB_POOL_SIZE", "2")
+    monkeypatch.setenv("QPEFT_DB_MAX_OVERFLOW", "0")
+    monkeypatch.setenv("QPEFT_DB_POOL_TIMEOUT", "10")
     schema, url = _pg_schema_url(pg_admin)
     try:
         app = create_app(make_settings(tmp_path / "data", url), ray=FakeRay(), reconcile=False)

@@ -13,9 +13,9 @@ import os
 import pytest
 from fastapi.testclient import TestClient
 
+from services.contract.jobspec import JobSpec
 from services.control_plane.app import create_app
 from services.control_plane.models import Dataset
-from services.jobspec import JobSpec
 from tests.test_control_plane_support import (  # noqa: F401  (fixtures)
     SPEC,
     FakeRay,

@@ -8,9 +8,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from services.contract.engine import engine_for
+from services.contract.ledger import BudgetExhausted, ShotLedger
+from services.contract.sql_ledger import SQLLedger
 from services.control_plane import db
-from services.control_plane.ledger import SQLLedger
-from services.quantum_pool.ledger import BudgetExhausted, ShotLedger
 from tests.test_control_plane_support import db_url, pg_admin  # noqa: F401  (fixtures)
 
 
@@ -29,7 +30,7 @@ def test_migration_matches_models(db_url):  # noqa: F811
 
     db.migrate(db_url)
     db.migrate(db_url)
-    with db.engine_for(db_url).connect() as conn:
+    with engine_for(db_url).connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
     assert diff == []
 

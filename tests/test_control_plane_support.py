@@ -58,9 +58,9 @@ def _pg_schema_url(pg_admin) -> tuple[str, str]:
 def _drop_schema(pg_admin, schema: str, url: str) -> None:
     import sqlalchemy as sa
 
-    from services.control_plane import db
+    from services.contract.engine import dispose
 
-    db.dispose(url)
+    dispose(url)
     with pg_admin.connect() as c:
         c.execute(sa.text(f"DROP SCHEMA IF EXISTS {schema} CASCADE"))
 
@@ -72,9 +72,9 @@ def db_url(request, tmp_path):
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path / 'qpeft.db'}"
         yield url
-        from services.control_plane import db
+        from services.contract.engine import dispose
 
-        db.dispose(url)
+        dispose(url)
         return
     pg_admin = request.getfixturevalue("pg_admin")
     schema, url = _pg_schema_url(pg_admin)
@@ -86,9 +86,9 @@ def db_url(request, tmp_path):
 def sqlite_url(tmp_path):
     url = f"sqlite:///{tmp_path / 'qpeft.db'}"
     yield url
-    from services.control_plane import db
+    from services.contract.engine import dispose
 
-    db.dispose(url)
+    dispose(url)
 
 
 class FakeRay:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.jobspec import shared_data_dir
+from services.contract.jobspec import shared_data_dir
 
 
 @pytest.mark.slow

@@ -12,7 +12,8 @@ import torch
 from qpeft_core.quantum.ansatz import qpa_ansatz
 from qpeft_core.quantum.backend import ExecutionResult, Executor, TorchBackend
 from qpeft_core.quantum.gradients import QNN, Autograd, ParameterShift, make_strategy
-from services.quantum_pool import BudgetExhausted, InMemoryLedger, QuantumPool
+from services.contract.ledger import BudgetExhausted, InMemoryLedger
+from services.quantum_pool import QuantumPool
 from services.quantum_pool.pool import worker_resources
 
 ANSATZ = qpa_ansatz(4, 3)
@@ -50,55 +51,6 @@ ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 def thetas(batch, seed=0):
     return torch.rand(batch, ANSATZ.n_params, generator=torch.Generator().manual_seed(seed)) * 6.28
-
-
-# --- the ledger alone -------------------------------------------------------------------------------
-def test_ledger_reserve_commit_release():
-    led = InMemoryLedger({"t": 1000})
-    a = led.reserve("t", 600)
-    assert led.remaining("t") == 400
-    with pytest.raises(BudgetExhausted) as e:
-        led.reserve("t", 401)
-    assert (e.value.key, e.value.requested, e.value.remaining) == ("t", 401, 400)
-    led.commit(a, 500)  # fewer ran than held: the rest goes back
-    b = led.reserve("t", 300)
-    led.release(b, lost=100)
-    acc = led.account("t")
-    assert (acc.spent, acc.lost, acc.reserved, acc.remaining) == (500, 100, 0, 400)
-    with pytest.raises(KeyError):
-        led.commit(a, 0)  # already closed
-    with pytest.raises(ValueError):
-        led.commit(led.reserve("t", 10), 11)  # more than held
-    assert led.remaining("other") is None  # no budget: unlimited
-
-
-def test_ledger_threads_never_overspend():
-    led = InMemoryLedger({"t": 10_000})
-    refused = []
-
-    def spend(seed):
-        g = torch.Generator().manual_seed(seed)
-        for _ in range(300):
-            n = int(torch.randint(1, 200, (1,), generator=g))
-            try:
-                rid = led.reserve("t", n)
-            except BudgetExhausted:
-                refused.append(n)
-                continue
-            assert led.remaining("t") >= 0
-            if n % 3:
-                led.commit(rid, n)
-            else:
-                led.release(rid, lost=n // 2)
-
-    threads = [threading.Thread(target=spend, args=(s,)) for s in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    acc = led.account("t")
-    assert refused and acc.reserved == 0
-    assert acc.spent + acc.lost <= 10_000 and acc.remaining == 10_000 - acc.spent - acc.lost >= 0
 
 
 def test_worker_resources_follow_the_worker_groups_a_cluster_offers():

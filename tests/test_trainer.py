@@ -17,9 +17,9 @@ import ray.cloudpickle
 import torch
 from safetensors.torch import load_file
 
-from services.jobspec import JobSpec
-from services.quantum_pool import InMemoryLedger
-from services.trainer import events
+from services.contract import events
+from services.contract.jobspec import JobSpec
+from services.contract.ledger import InMemoryLedger
 from services.trainer.run import TrainerRun
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -174,8 +174,8 @@ def test_aer_budget_exhausted_mid_run_keeps_last_checkpoint(corpus, tmp_path, mo
     shifted both ways) = 1088 shots. Step 1 spends 1088, step 2 1024 + 64 (its checkpoint measures the new
     angles): with 3000 - 2112 = 888 left after step 2's update, step 3 cannot be paid for, so the run stops
     cleanly there with its step-2 checkpoint, having spent 2176 shots."""
+    from services.contract.sql_ledger import SQLLedger
     from services.control_plane.db import migrate
-    from services.control_plane.ledger import SQLLedger
 
     url = f"sqlite:///{tmp_path / 'qpeft.db'}"
     migrate(url)

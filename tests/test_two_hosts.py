@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from services.jobspec import JobSpec
-from services.trainer import events
+from services.contract import events
+from services.contract.jobspec import JobSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))

@@ -2,7 +2,7 @@
 
 The control plane validates every spec a second time with the tenant's `Access` as pydantic's validation
 context (FastAPI's own parse of the body only checks its form) and once more when it hands the job to Ray,
-writing the resolved server paths into the spec file the trainer reads (services/jobspec.py)."""
+writing the resolved server paths into the spec file the trainer reads (services/contract/jobspec.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
-from services.jobspec import Access, JobSpec, hub_online
+from services.contract.jobspec import Access, JobSpec, hub_online
 
 from .models import Dataset
 from .settings import Settings

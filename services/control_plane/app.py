@@ -18,11 +18,12 @@ from fastapi.staticfiles import StaticFiles
 from sqlalchemy import select
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from services.contract.sql_ledger import SQLLedger
+
 from . import db as dbm
 from .body_limit import BodyLimitMiddleware
 from .errors import ApiError, api_error_handler, http_error_handler, validation_handler
 from .forecast import warm_up_qiskit
-from .ledger import SQLLedger
 from .limits import ClusterCapacity
 from .metrics import LatencyMiddleware, Metrics
 from .models import ApiKey, Budget, Tenant

@@ -39,32 +39,43 @@ def hash_key(pepper: str, key: str) -> str:
 
 
 async def get_db(request: Request) -> AsyncIterator[Session]:
-    """The request's session. Async so that closing it (which hands its pooled connection back) runs on the
-    event loop when the response is done, not in another threadpool hop: a sync teardown keeps the connection
-    checked out until a worker thread is free, and under a burst every thread can be waiting for a
-    connection held that way (a stall, then pool timeouts; tests/test_control_plane_api.py, burst test).
-    Sessions are not shared between threads: the sync dependencies and the endpoint use it one after another."""
+    """The request's session, for the endpoint's body only (SessionReleasingRoute enforces it). A session
+    takes a pooled connection at its first query, not here, and the endpoint closes it before it returns.
+    Async so that making it costs no threadpool hop; the close here is a no-op by then."""
     session = request.app.state.sessions()
     try:
         yield session
     finally:
-        session.close()  # a ROLLBACK round trip at most, when a transaction is still open
+        session.close()
 
 
 Db = Annotated[Session, Depends(get_db)]
 
 
 class SessionReleasingRoute(APIRoute):
-    """A route whose sync endpoint closes its database sessions before it returns, in its own threadpool
-    hop. FastAPI validates a sync endpoint's response in a further hop; a session still holding its pooled
-    connection then keeps it while that hop waits for a free thread, and with every thread waiting for a
-    connection the server stalls (tests/test_control_plane_api.py, the burst test). Closing detaches the
-    ORM objects with their loaded attributes; the endpoints return pydantic models built from them."""
+    """A route that does its database work in one place: the endpoint's body, in one threadpool hop.
+
+    FastAPI runs a request in several hops (each sync dependency, the endpoint, the response's validation),
+    each waiting for a free thread. A pooled connection held from one hop to the next is held while that
+    request waits for a thread; with every thread waiting for a connection, the server stalls. So, checked
+    when the route is built:
+    - only a sync endpoint may take the request's session (`Db`), and it is closed (its connection handed
+      back) when the endpoint returns, in the same hop; the endpoints return pydantic models built from
+      the rows (closing detaches them with their loaded attributes) or a response;
+    - no dependency takes it: authentication reads the key in a short session of its own (`check_key`);
+    - an async endpoint does its database work in `run_in_threadpool` calls, each with its own session.
+    And an endpoint holds one connection at a time: a second checkout while holding one (the ledger reading
+    on its own connection) can leave a small pool's holders all waiting for each other, so the ledger reads
+    through the session (`SQLLedger.account(key, db)`) and writes only after the session is closed."""
 
     def __init__(self, path: str, endpoint, **kwargs):
         if not inspect.iscoroutinefunction(endpoint):
             endpoint = _closing_sessions(endpoint)
         super().__init__(path, endpoint, **kwargs)
+        holders = [d.call for d in self.dependant.dependencies if d.call is not get_db and _takes_db(d)]
+        if holders or (inspect.iscoroutinefunction(self.dependant.call) and _takes_db(self.dependant)):
+            names = ", ".join(getattr(c, "__name__", repr(c)) for c in holders or [self.dependant.call])
+            raise TypeError(f"{path}: {names} take(s) the request's session; only a sync endpoint may (see Db)")
 
     def get_route_handler(self):
         """A route that takes a body and needs a key checks the key first: FastAPI parses and validates the
@@ -76,14 +87,15 @@ class SessionReleasingRoute(APIRoute):
             return handler
 
         async def key_first(request: Request):
-            def check() -> Principal:
-                with request.app.state.sessions() as db:
-                    return authenticate(request, db, presented_key(request))
-
-            request.state.principal = await run_in_threadpool(check)
+            request.state.principal = await run_in_threadpool(check_key, request, presented_key(request))
             return await handler(request)
 
         return key_first
+
+
+def _takes_db(dependant) -> bool:
+    """Whether `dependant` or anything it depends on takes the request's session."""
+    return any(d.call is get_db or _takes_db(d) for d in dependant.dependencies)
 
 
 def _needs_key(dependant) -> bool:
@@ -120,6 +132,12 @@ def presented_key(request: Request) -> str | None:
     return credentials.strip() or None
 
 
+def check_key(request: Request, key: str | None) -> Principal:
+    """The caller of `key`, read in a short session of its own (closed before this returns)."""
+    with request.app.state.sessions() as db:
+        return authenticate(request, db, key)
+
+
 def authenticate(request: Request, db: Session, key: str | None) -> Principal:
     if not key:
         raise ApiError(
@@ -130,26 +148,21 @@ def authenticate(request: Request, db: Session, key: str | None) -> Principal:
     if settings.admin_key and hmac.compare_digest(digest, hash_key(request.app.state.pepper, settings.admin_key)):
         return Principal(None, True)
     row = db.execute(select(ApiKey).where(ApiKey.key_hash == digest, ApiKey.revoked_at.is_(None))).scalar_one_or_none()
-    found = None if row is None else Principal(row.tenant, row.is_admin)
-    # End the read here: the pooled connection goes back now instead of staying checked out while this
-    # request waits for the threadpool to run its endpoint (under a burst, held connections whose requests
-    # wait for a thread, while every thread waits for a connection, stall the server).
-    db.rollback()
-    if found is None:
+    if row is None:
         raise ApiError(401, "unknown or revoked API key", "header.X-API-Key", "ask the admin for a valid key")
-    return found
+    return Principal(row.tenant, row.is_admin)
 
 
 def principal(
     request: Request,
-    db: Db,
     header: Annotated[str | None, Security(api_key_header)] = None,
     cred: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)] = None,
 ) -> Principal:
-    known = getattr(request.state, "principal", None)  # checked before the body was read (AuthFirstRoute)
+    """Sync: its short session runs in its own threadpool hop."""
+    known = getattr(request.state, "principal", None)  # checked before the body was read (key_first)
     if known is not None:
         return known
-    return authenticate(request, db, header or (cred.credentials if cred else None))
+    return check_key(request, header or (cred.credentials if cred else None))
 
 
 async def tenant(p: Annotated[Principal, Depends(principal)]) -> str:  # async: no I/O, no threadpool hop

@@ -1,16 +1,10 @@
-"""The trainer's structured events, read from its Ray job log and stored.
+"""The trainer's structured events (services/contract/events.py), read from its Ray job log and stored.
 
-A trainer prints `QPEFT_EVENT <json>` lines on stdout (anywhere in the line, so prefixes that Ray adds to
-worker output do not matter). Types:
-  state     {"sub_state": WAITING_QPU | EXECUTING_QPU | TRAINING}
-  progress  {"step", "max_steps", "loss", "eval": {...}, "shots_spent", "qpu_s", "tokens_per_s", "time",
-             optional "pool_calls", "sub_state"}
-  log       {"message"}
-  artifact  {"name", "path"}   (path inside the job's artifact dir, QPEFT_ARTIFACT_DIR)
-  result    {"state": SUCCEEDED | FAILED | BUDGET_EXHAUSTED | CANCELLED, "reason"}
-Every other line is kept as a plain log line. Lines are numbered as in the Ray log, so re-reading a log
-after a restart skips what was already stored (jobs.log_offset); a resubmitted job numbers its new log
-after the earlier attempts' lines (jobs.log_base).
+A trainer prints `QPEFT_EVENT <json>` lines on stdout (the types and fields are listed there); they are
+found anywhere in a line, so prefixes that Ray adds to worker output do not matter. Every other line is kept
+as a plain log line. Lines are numbered as in the Ray log, so re-reading a log after a restart skips what was
+already stored (jobs.log_offset); a resubmitted job numbers its new log after the earlier attempts' lines
+(jobs.log_base).
 """
 
 from __future__ import annotations
@@ -23,7 +17,7 @@ from pathlib import Path
 from sqlalchemy import delete
 from sqlalchemy.orm import Session
 
-from services.trainer.events import parse  # the one definition of the line format, shared with the trainer
+from services.contract.events import parse  # the one definition of the line format, shared with the trainer
 
 from .models import FINAL_STATES, SUB_STATES, Job, JobArtifact, JobLog, JobMetric, now
 

@@ -17,7 +17,7 @@ import json
 
 from qpeft_core.quantum.gradients import STRATEGIES, resolve_gradient
 from qpeft_core.quantum.registry import ExecutorSpec
-from services.jobspec import JobSpec, runs_circuits
+from services.contract.jobspec import JobSpec, runs_circuits
 
 from .errors import ApiError
 

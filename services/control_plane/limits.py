@@ -1,5 +1,5 @@
 """Checks at submit (and estimate) that need the server: what this server's executors, the base model and
-the Ray cluster can hold. The JobSpec checks what a spec says on its own (services/jobspec.py); these
+the Ray cluster can hold. The JobSpec checks what a spec says on its own (services/contract/jobspec.py); these
 check it against this deployment, and each 422 names the field and the limit."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import logging
 import threading
 import time
 
-from services.jobspec import JobSpec
+from services.contract.jobspec import JobSpec
 
 from .errors import ApiError
 from .forecast import target_dims

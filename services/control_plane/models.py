@@ -1,47 +1,22 @@
-"""Tables. Every change here needs an Alembic revision in migrations/versions (a test compares them)."""
+"""Tables. Every change here (and in services/contract/tables.py, the ledger's) needs an Alembic revision in
+migrations/versions (a test compares them)."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 
-from sqlalchemy import (
-    JSON,
-    BigInteger,
-    Boolean,
-    DateTime,
-    Float,
-    ForeignKey,
-    Index,
-    Integer,
-    String,
-    Text,
-    UniqueConstraint,
-)
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
-from sqlalchemy.types import TypeDecorator
+from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import Mapped, mapped_column
+
+from services.contract import events
+from services.contract.tables import Base, Budget, Reservation, UTCDateTime, now
+
+__all__ = ["Base", "Budget", "Reservation", "UTCDateTime", "now"]  # the ledger's tables, on the same metadata
 
 ACTIVE_STATES = ("QUEUED", "RUNNING")
-FINAL_STATES = ("SUCCEEDED", "FAILED", "CANCELLED", "BUDGET_EXHAUSTED")
+FINAL_STATES = events.RESULTS  # a job ends in what its trainer's result event may say
 STATES = ACTIVE_STATES + FINAL_STATES
-SUB_STATES = ("WAITING_QPU", "EXECUTING_QPU", "TRAINING")
-
-
-def now() -> datetime:
-    return datetime.now(UTC)
-
-
-class UTCDateTime(TypeDecorator):
-    """Timezone-aware UTC on the way out also on SQLite, which stores datetimes without a zone."""
-
-    impl = DateTime(timezone=True)
-    cache_ok = True
-
-    def process_result_value(self, value, dialect):
-        return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
-
-
-class Base(DeclarativeBase):
-    type_annotation_map = {datetime: UTCDateTime()}
+SUB_STATES = events.SUB_STATES
 
 
 class Tenant(Base):
@@ -61,38 +36,6 @@ class ApiKey(Base):
     prefix: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[datetime] = mapped_column(default=now)
     revoked_at: Mapped[datetime | None] = mapped_column()
-
-
-class Budget(Base):
-    """A ledger account: a tenant's (key = tenant name) or a job's (key = 'job:<id>', parent = tenant).
-
-    budget NULL means unlimited (still counted). remaining = budget - spent - lost - reserved, kept >= 0
-    by conditional UPDATEs (ledger.py)."""
-
-    __tablename__ = "budgets"
-    key: Mapped[str] = mapped_column(String(80), primary_key=True)
-    parent: Mapped[str | None] = mapped_column(ForeignKey("budgets.key", ondelete="CASCADE"))
-    budget: Mapped[int | None] = mapped_column(BigInteger)
-    spent: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
-    lost: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
-    reserved: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
-    qpu_s_budget: Mapped[float | None] = mapped_column(Float)
-    qpu_s_spent: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
-    qpu_s_reserved: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
-
-
-class Reservation(Base):
-    __tablename__ = "reservations"
-    id: Mapped[str] = mapped_column(String(32), primary_key=True)
-    key: Mapped[str] = mapped_column(ForeignKey("budgets.key", ondelete="CASCADE"), index=True)
-    parent: Mapped[str | None] = mapped_column(String(80))
-    shots: Mapped[int] = mapped_column(BigInteger)
-    qpu_s: Mapped[float] = mapped_column(Float, default=0.0)
-    state: Mapped[str] = mapped_column(String(12), default="open")  # open | committed | released
-    actual: Mapped[int] = mapped_column(BigInteger, default=0)  # committed shots, or lost ones on release
-    qpu_s_actual: Mapped[float] = mapped_column(Float, default=0.0)
-    created_at: Mapped[datetime] = mapped_column(default=now)
-    closed_at: Mapped[datetime | None] = mapped_column()
 
 
 class Job(Base):

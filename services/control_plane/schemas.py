@@ -1,4 +1,4 @@
-"""Request and response bodies (the JobSpec itself lives in services/jobspec.py)."""
+"""Request and response bodies (the JobSpec itself lives in services/contract/jobspec.py)."""
 
 from __future__ import annotations
 

@@ -26,8 +26,8 @@ from ray.exceptions import GetTimeoutError, RayActorError
 
 from qpeft_core.quantum.backend import CircuitCall, ExecutionResult, Executor, Usage, check_qubits
 from qpeft_core.quantum.registry import ExecutorSpec
+from services.contract.ledger import BudgetExhausted, InMemoryLedger, ShotLedger
 
-from .ledger import BudgetExhausted, InMemoryLedger, ShotLedger
 from .worker import remote_worker
 
 log = logging.getLogger(__name__)

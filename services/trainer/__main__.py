@@ -2,7 +2,7 @@
 
 Runs one job on the Ray cluster this process can reach: RAY_ADDRESS if set (a Ray job has it), else a
 cluster already running on this machine, else a local one started here with `pool-workers` units of the
-"qpu" resource. Progress goes to stdout as `QPEFT_EVENT <json>` lines (services/trainer/events.py).
+"qpu" resource. Progress goes to stdout as `QPEFT_EVENT <json>` lines (services/contract/events.py).
 Environment set by the control plane: QPEFT_DATABASE_URL (shot ledger in its database), QPEFT_JOB_ID,
 QPEFT_TENANT / QPEFT_LEDGER_KEY (the ledger account), QPEFT_ARTIFACT_DIR (adapter and LoRA export).
 Exit status 0 when the job succeeded or stopped cleanly at its budget, 1 when it failed, 2 for a bad spec.
@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 
-from . import events
+from services.contract import events
 
 
 def connect(pool_workers: int) -> None:
@@ -32,7 +32,7 @@ def connect(pool_workers: int) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m services.trainer", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--spec", required=True, help="the job's JSON spec (services.jobspec.JobSpec)")
+    ap.add_argument("--spec", required=True, help="the job's JSON spec (services.contract.jobspec.JobSpec)")
     ap.add_argument("--storage", default=os.environ.get("QPEFT_STORAGE"), help="Ray Train storage_path")
     ap.add_argument("--max-failures", type=int, default=1, help="trainer-group restarts from the last checkpoint")
     ap.add_argument("--pool-workers", type=int, default=2, help="quantum workers (each takes one 'qpu')")
@@ -40,7 +40,7 @@ def main(argv=None) -> int:
 
     from pydantic import ValidationError
 
-    from services.jobspec import JobSpec
+    from services.contract.jobspec import JobSpec
 
     try:
         spec = JobSpec.load(args.spec)

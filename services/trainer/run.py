@@ -23,9 +23,10 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from qpeft_core.quantum.backend import CircuitCall, Usage
-from services.quantum_pool import BudgetExhausted, InMemoryLedger, QuantumPool
+from services.contract import events
+from services.contract.ledger import BudgetExhausted, InMemoryLedger
+from services.quantum_pool import QuantumPool
 
-from . import events
 from .worker_loop import train_loop_per_worker, uses_pool
 
 
@@ -121,7 +122,7 @@ def build_ledger(database_url: str | None, key: str, shot_limit: int | None):
     """The control plane's database ledger when there is a database URL (its accounts and limits are set by
     the control plane), else an in-process one holding this job's own shot limit (None: unlimited, counted)."""
     if database_url:
-        from services.control_plane.ledger import SQLLedger
+        from services.contract.sql_ledger import SQLLedger
 
         return SQLLedger(database_url)
     return InMemoryLedger({key: shot_limit} if shot_limit is not None else None)

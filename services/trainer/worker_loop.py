@@ -29,9 +29,8 @@ from qpeft_core.quantum.gradients import resolve_gradient
 from qpeft_core.quantum.registry import ExecutorSpec
 from qpeft_core.train import TrainConfig, load_data, load_model, make_lora_model, train
 from qpeft_core.train.loop import Hooks
-from services.jobspec import JobSpec, runs_circuits
-
-from . import events
+from services.contract import events
+from services.contract.jobspec import JobSpec, runs_circuits
 
 
 def uses_pool(spec: JobSpec) -> bool:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from services.jobspec import JobSpec
+from services.contract.budget import admission
+from services.contract.jobspec import JobSpec
 
 from .. import schemas
 from ..access import tenant_spec
@@ -25,12 +26,10 @@ def estimate(spec: JobSpec, request: Request, db: Db, tenant: TenantName) -> sch
     spec = tenant_spec(spec, request.app.state.settings, db, tenant)
     check_fits(request, spec)
     fc = forecast(spec)
-    acc = request.app.state.ledger.account(tenant)
-    shot_limits = [v for v in (acc.remaining, spec.shot_limit) if v is not None]
-    qpu_limits = [v for v in (acc.qpu_s_remaining, spec.qpu_seconds_limit) if v is not None]
-    fits = (not shot_limits or fc["shots"] <= min(shot_limits)) and (
-        fc["qpu_seconds"] is None or not qpu_limits or fc["qpu_seconds"] <= min(qpu_limits)
-    )
+    acc = request.app.state.ledger.account(tenant, db)
     return schemas.Estimate(
-        **fc, budget_remaining=acc.remaining, qpu_seconds_remaining=acc.qpu_s_remaining, fits_budget=fits
+        **fc,
+        budget_remaining=acc.remaining,
+        qpu_seconds_remaining=acc.qpu_s_remaining,
+        fits_budget=admission(fc, acc, spec) is None,
     )

@@ -58,7 +58,7 @@ def _point(m: JobMetric) -> schemas.MetricPoint:
     responses={200: {"content": {"text/plain": {}}}} | schemas.errors(401, 403, 404, 422),
     summary="Job log: the last lines, lines after a position, or a live follow",
 )
-async def logs(
+def logs(
     job_id: JobId,
     request: Request,
     db: Db,
@@ -134,7 +134,7 @@ def sse(event: str, data, event_id: str | None = None) -> str:
     | schemas.errors(401, 403, 404, 422),
     summary="Live job events (SSE): job, progress, log; 'end' once the job is final",
 )
-async def events(job_id: JobId, request: Request, db: Db, tenant: TenantName) -> StreamingResponse:
+def events(job_id: JobId, request: Request, db: Db, tenant: TenantName) -> StreamingResponse:
     """Events: `job` (the job, on every change), `progress` (a metric point), `log` (a log line) and a
     final `end`. On connect the history comes first: every metric point and the last 200 log lines."""
     find_job(db, tenant, job_id)

@@ -12,7 +12,8 @@ from fastapi import Path as PathParam
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
-from services.jobspec import JobSpec
+from services.contract.budget import admission
+from services.contract.jobspec import JobSpec
 
 from .. import schemas
 from ..access import tenant_spec
@@ -75,34 +76,14 @@ def job_out(request: Request, db, job: Job) -> schemas.Job:
     )
 
 
-def _over_budget(request: Request, tenant: str, spec: JobSpec, fc: dict) -> None:
-    """409 when the forecast exceeds what the tenant (or the job's own limit) has left."""
+def _admit(request: Request, db, tenant: str, spec: JobSpec, fc: dict) -> None:
+    """409 when the forecast exceeds what the tenant (or the job's own limit) has left; a job that runs until
+    its budget ends is admitted anyway."""
     if spec.run_until_budget_ends:
         return
-    acc = request.app.state.ledger.account(tenant)
-    limits = [v for v in (acc.remaining, spec.shot_limit) if v is not None]
-    if limits and fc["shots"] > min(limits):
-        raise ApiError(
-            409,
-            f"the forecast of {fc['shots']} shots exceeds the budget: {min(limits)} shots left",
-            "body.max_steps",
-            "lower max_steps or shots, raise the budget, or set run_until_budget_ends to train until it runs out",
-            forecast_shots=fc["shots"],
-            remaining_shots=acc.remaining,
-            shot_limit=spec.shot_limit,
-            formula=fc["formula"],
-        )
-    qpu = [v for v in (acc.qpu_s_remaining, spec.qpu_seconds_limit) if v is not None]
-    if fc["qpu_seconds"] is not None and qpu and fc["qpu_seconds"] > min(qpu):
-        raise ApiError(
-            409,
-            f"the forecast of {fc['qpu_seconds']:.1f} QPU seconds exceeds the {min(qpu):.1f} s left",
-            "body.max_steps",
-            "lower max_steps or shots, raise the QPU-time budget, or set run_until_budget_ends",
-            forecast_qpu_seconds=fc["qpu_seconds"],
-            remaining_qpu_seconds=acc.qpu_s_remaining,
-            qpu_seconds_limit=spec.qpu_seconds_limit,
-        )
+    refused = admission(fc, request.app.state.ledger.account(tenant, db), spec)
+    if refused is not None:
+        raise ApiError(409, refused.message, refused.field, refused.fix, **refused.figures)
 
 
 @router.post(
@@ -136,7 +117,7 @@ def submit(
             return _replay(request, response, db, earlier, digest, idempotency_key)
     check_fits(request, spec)
     fc = forecast(spec)
-    _over_budget(request, tenant, spec, fc)
+    _admit(request, db, tenant, spec, fc)
     job_id = uuid.uuid4().hex[:16]
     job = Job(
         id=job_id,

@@ -11,7 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
 from .. import schemas
-from ..auth import Authenticated, Db, SessionReleasingRoute, api_key_header, authenticate, bearer, presented_key
+from ..auth import Authenticated, SessionReleasingRoute, api_key_header, bearer, check_key, presented_key
 from ..errors import ApiError
 
 router = APIRouter(route_class=SessionReleasingRoute, tags=["operations"])
@@ -48,7 +48,7 @@ def readyz(request: Request) -> JSONResponse:
     responses=schemas.errors(401, 403),
     dependencies=[Security(api_key_header), Security(bearer)],  # optional: documents the two ways to send it
 )
-def metrics(request: Request, db: Db) -> Response:
+def metrics(request: Request) -> Response:
     """Without credentials: request latency and job / shot totals, naming no tenant. With the admin key or
     QPEFT_METRICS_TOKEN (X-API-Key or Authorization: Bearer, as Prometheus' bearer_token sends it): the
     same labelled by tenant. A tenant key gets 403, an unknown key 401."""
@@ -57,7 +57,7 @@ def metrics(request: Request, db: Db) -> Response:
         return Response(generate_latest(m.public), media_type=CONTENT_TYPE_LATEST)
     token = request.app.state.settings.metrics_token
     scraper = bool(token) and hmac.compare_digest(key.encode(), token.encode())
-    if not scraper and not authenticate(request, db, key).admin:
+    if not scraper and not check_key(request, key).admin:
         raise ApiError(
             403,
             "metrics by tenant need the admin key or the metrics token",

@@ -8,10 +8,11 @@ from fastapi import APIRouter, Request, Response
 from fastapi import Path as PathParam
 from sqlalchemy import select
 
+from services.contract.sql_ledger import AccountState
+
 from .. import schemas
 from ..auth import Admin, Db, SessionReleasingRoute, TenantName, hash_key, new_key
 from ..errors import ApiError
-from ..ledger import AccountState
 from ..models import ApiKey, Budget, Tenant, now
 
 router = APIRouter(route_class=SessionReleasingRoute, tags=["tenants and budgets"])
@@ -42,7 +43,7 @@ def _tenant_out(request: Request, db, t: Tenant) -> schemas.Tenant:
     return schemas.Tenant(
         name=t.name,
         created_at=t.created_at,
-        budget=budget_out(request.app.state.ledger.account(t.name), t.name),
+        budget=budget_out(request.app.state.ledger.account(t.name, db), t.name),
         keys=[
             schemas.ApiKeyInfo(id=k.id, prefix=k.prefix, created_at=k.created_at, revoked=k.revoked_at is not None)
             for k in keys
@@ -101,6 +102,7 @@ def get_tenant(name: Name, request: Request, db: Db, _: Admin) -> schemas.Tenant
 )
 def set_budget(name: Name, body: schemas.BudgetUpdate, request: Request, db: Db, _: Admin) -> schemas.Budget:
     _tenant(db, name)
+    db.close()  # one connection at a time: the ledger writes with its own
     acc = request.app.state.ledger.set_budget(name, body.shots, body.qpu_seconds)
     return budget_out(acc, name)
 

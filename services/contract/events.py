@@ -20,7 +20,7 @@ import time
 MARK = "QPEFT_EVENT "
 TYPES = ("state", "progress", "log", "params", "artifact", "result")
 SUB_STATES = ("WAITING_QPU", "EXECUTING_QPU", "TRAINING")
-RESULTS = ("SUCCEEDED", "FAILED", "BUDGET_EXHAUSTED", "CANCELLED")
+RESULTS = ("SUCCEEDED", "FAILED", "CANCELLED", "BUDGET_EXHAUSTED")  # a job's final states, in this order
 
 
 def make(type: str, **fields) -> dict:

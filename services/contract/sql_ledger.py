@@ -1,5 +1,5 @@
-"""The shot ledger in the database: the `ShotLedger` protocol of services.quantum_pool, shared by every
-process (control plane, trainers, quantum pools) that can reach the database.
+"""The budget ledger in the database: the `ShotLedger` protocol (ledger.py), shared by every process
+(control plane, trainers, quantum pools) that can reach the database.
 
 Accounts are rows of `budgets`: a tenant's (key = tenant name) and, per job, 'job:<id>' whose parent is
 the tenant, so a job's shots count against both. Each call is a short transaction of single statements:
@@ -23,11 +23,11 @@ from dataclasses import dataclass
 
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
-from services.quantum_pool.ledger import BudgetExhausted
-
-from .db import engine_for
-from .models import Budget, Reservation, now
+from .engine import engine_for
+from .ledger import BudgetExhausted, refusal
+from .tables import Budget, Reservation, now
 
 B, R = Budget.__table__, Reservation.__table__
 
@@ -47,6 +47,10 @@ class AccountState:
     qpu_s_budget: float | None
     qpu_s_spent: float
     qpu_s_reserved: float
+
+    @classmethod
+    def of(cls, row: Budget) -> AccountState:
+        return cls(**{f: getattr(row, f) for f in cls.__dataclass_fields__})
 
     @property
     def remaining(self) -> int | None:
@@ -100,7 +104,14 @@ class SQLLedger:
                     continue
         return self.account(key)
 
-    def account(self, key: str) -> AccountState:
+    def account(self, key: str, session: Session | None = None) -> AccountState:
+        """The account's limits and counters; read through `session` where the caller holds one (a request
+        then uses one pooled connection), else on a connection of its own."""
+        if session is not None:
+            row = session.get(Budget, key, populate_existing=True)
+            if row is None:
+                raise KeyError(f"no ledger account {key!r}")
+            return AccountState.of(row)
         with self.engine.connect() as conn:
             row = conn.execute(select(B).where(B.c.key == key)).mappings().first()
         if row is None:
@@ -113,6 +124,15 @@ class SQLLedger:
         values = [acc.remaining]
         if acc.parent:
             values.append(self.account(acc.parent).remaining)
+        values = [v for v in values if v is not None]
+        return min(values) if values else None
+
+    def qpu_s_remaining(self, key: str) -> float | None:
+        """QPU seconds `key` can still reserve: the smaller of its own and its parent's; None if both unlimited."""
+        acc = self.account(key)
+        values = [acc.qpu_s_remaining]
+        if acc.parent:
+            values.append(self.account(acc.parent).qpu_s_remaining)
         values = [v for v in values if v is not None]
         return min(values) if values else None
 
@@ -134,19 +154,16 @@ class SQLLedger:
                         raise _Rollback(row.parent)
                 conn.execute(insert(R).values(id=rid, key=key, parent=row.parent, shots=shots, qpu_s=qpu_s))
         except _Rollback as refused:
-            self._refuse(refused.args[0], shots)
+            self._refuse(refused.args[0], shots, qpu_s)
         return rid
 
-    def _refuse(self, key: str, shots: int):
+    def _refuse(self, key: str, shots: int, qpu_s: float):
         try:
             acc = self.account(key)
         except KeyError:
             raise KeyError(f"no ledger account {key!r}: create it (a tenant or a job) before reserving") from None
-        if acc.qpu_s_budget is not None and acc.qpu_s_spent >= acc.qpu_s_budget:
-            err = BudgetExhausted(key, shots, acc.remaining if acc.remaining is not None else 0)
-            err.args = (f"QPU-time budget of {key!r} exhausted: {acc.qpu_s_spent:.3f} of {acc.qpu_s_budget} s used",)
-            raise err
-        raise BudgetExhausted(key, shots, acc.remaining or 0)
+        # read after the rollback: a concurrent commit may have made room since; it was still full when tried
+        raise refusal(acc, key, shots, qpu_s) or BudgetExhausted(key, shots, acc.remaining or 0)
 
     def _close(self, reservation: str, state: str, amount: int, qpu_s: float | None) -> None:
         """Close an open reservation, charging `amount` shots as spent (commit) or lost (release)."""

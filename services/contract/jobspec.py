@@ -93,7 +93,7 @@ SECRET_OPTION = re.compile(r"token|secret|password|api[_-]?key|credential", re.I
 
 def shared_data_dir() -> Path:
     env = os.environ.get("QPEFT_SHARED_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
+    return Path(env) if env else Path(__file__).resolve().parents[3] / "shared" / "data"  # beside the checkout
 
 
 def _local(path: str) -> Path:
