@@ -180,8 +180,17 @@ def test_estimate_and_budget_refusal(env):
 
     spsa = c.post("/v1/estimate", json={**SPEC, "gradient": "spsa"}, headers=a).json()
     assert spsa["per_step"]["gradient_circuits_per_call"] == 2
+    # the trainer takes one gradient call per step whatever grad_accum (dL/dp is accumulated, then one VJP)
     accum = {**SPEC, "training": {"grad_accum": 3}}
-    assert c.post("/v1/estimate", json=accum, headers=a).json()["per_step"]["gradient_calls"] == 3
+    assert c.post("/v1/estimate", json=accum, headers=a).json()["shots"] == 8500
+    # shot-frugal schedules: an adaptive strategy's figure is an upper bound; an update every 5 steps measures
+    # the angles at the start and after each update; warm-start steps run exactly, without shots
+    adaptive = c.post("/v1/estimate", json={**SPEC, "gradient": "shot_adaptive"}, headers=a).json()
+    assert (adaptive["shots"], adaptive["shots_bound"], est["shots_bound"]) == (8500, "upper", "exact")
+    period = {**SPEC, "max_steps": 10, "method_config": {**SPEC["method_config"], "quantum_update_every": 5}}
+    assert c.post("/v1/estimate", json=period, headers=a).json()["shots"] == (3 + 2 * 16) * 100
+    warm = {**SPEC, "method_config": {**SPEC["method_config"], "warm_start_steps": 3}}
+    assert c.post("/v1/estimate", json=warm, headers=a).json()["shots"] == (3 + 2 * 16) * 100
     exact = {**SPEC, "executor": "exact", "shots": None}
     assert c.post("/v1/estimate", json=exact, headers=a).json()["shots"] == 0
     lora = {**SPEC, "method": "lora", "executor": "exact", "shots": None, "method_config": {}}

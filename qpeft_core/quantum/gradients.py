@@ -86,6 +86,8 @@ class SPSA:
     name = "spsa"
 
     def __init__(self, epsilon: float = 0.1, samples: int = 1, seed: int = 0, decay: float = 0.0):
+        if isinstance(samples, bool) or not isinstance(samples, int):
+            raise ValueError(f"SPSA's samples must be an int, got {samples!r}")
         if epsilon <= 0 or samples < 1 or not 0 <= decay <= 1:
             raise ValueError(
                 f"SPSA needs epsilon > 0, samples >= 1 and decay in [0, 1], got {epsilon}, {samples}, {decay}"

@@ -207,7 +207,8 @@ FIXES = {
     "executor": "use an executor listed by GET /v1/backends",
     "secret_in_spec": "remove the credential; configure the IBM account on the cluster",
     "shots": "set shots (e.g. 1024) or use executor 'exact'",
-    "gradient": "use 'parameter_shift' or 'spsa', or the exact executor without shots",
+    "gradient": "use 'parameter_shift', 'spsa' or 'shot_adaptive', or the exact executor without shots",
+    "gradient_options": "use the options the strategy lists, with numbers",
     "task": "use task 'seq_cls' for encoders",
     "method_config": "change method_config as the message says",
 }
@@ -320,7 +321,8 @@ def config_class(method: str) -> type:
     return LoRAConfig if method == "lora" else lookup_method(method)[0]
 
 
-TOP_LEVEL = {"executor": "executor", "shots": "shots", "gradient": "gradient"}  # set on the JobSpec, not here
+# set on the JobSpec, not in method_config
+TOP_LEVEL = {"executor": "executor", "shots": "shots", "gradient": "gradient", "gradient_options": "gradient_options"}
 
 # Documented caps on method_config, whatever the model: QPA's mapping MLP has an output layer of n_mlp x width
 # weights, and a LoRA rank beyond MAX_RANK is no longer parameter-efficient. The control plane also bounds r
@@ -363,6 +365,13 @@ def _check_types(cls: type, cfg: dict) -> None:
                 f"method_config.{key}: {value} is above the limit of {cap}",
                 f"use {key} <= {cap}",
             )
+
+
+def _check_types_of(options: dict) -> None:
+    """gradient_options hold numbers: a JSON string or boolean is refused rather than coerced."""
+    for key, value in options.items():
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"{key} must be a number, got {type(value).__name__}")
 
 
 def _config_error(method: str, message: str, fields: list[str]) -> PydanticCustomError:
@@ -418,7 +427,17 @@ class JobSpec(_Model):
     shots: Annotated[int, Field(strict=True, ge=1, le=10_000_000)] | None = Field(
         None, description="per circuit; none: exact"
     )
-    gradient: Literal["auto", "autograd", "parameter_shift", "spsa"] = "auto"
+    gradient: Literal["auto", "autograd", "parameter_shift", "spsa", "shot_adaptive"] = Field(
+        "auto",
+        description="how the QNN's angles get their gradient: auto (autograd when exact, else parameter_shift), "
+        "parameter_shift, spsa (seeded; samples averaged, decaying perturbation), shot_adaptive (parameter "
+        "shift with shots per angle from the estimated noise, at most `shots`)",
+    )
+    gradient_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description='the strategy\'s settings, e.g. {"samples": 4, "decay": 0.101} (spsa), '
+        '{"min_shots": 32, "snr": 4.0} (shot_adaptive)',
+    )
     scaling: Scaling = Field(default_factory=Scaling)
     max_steps: int = Field(100, strict=True, ge=1, le=10_000_000, description="optimizer steps")
     training: TrainingSpec = Field(default_factory=TrainingSpec)
@@ -513,6 +532,18 @@ class JobSpec(_Model):
             )
         if ExecutorSpec.parse(self.executor).needs_shots and self.shots is None:
             raise _err("shots", f"shots: executor {self.executor!r} samples circuits; set shots, e.g. 1024")
+        if self.gradient == "shot_adaptive" and self.shots is None:
+            raise _err("shots", "shots: gradient 'shot_adaptive' chooses shots per circuit up to `shots`; set shots")
+        if self.gradient_options:
+            from qpeft_core.quantum.gradients import build_strategy
+
+            if self.gradient == "auto":
+                raise _err("gradient", "gradient_options: name the strategy in `gradient` to give it options")
+            try:
+                _check_types_of(self.gradient_options)
+                build_strategy(self.gradient, self.gradient_options)
+            except (TypeError, ValueError) as e:
+                raise _err("gradient_options", f"gradient_options: {e}") from None
         if self.gradient == "autograd" and (self.shots is not None or self.executor != "exact"):
             raise _err(
                 "gradient",
@@ -559,7 +590,7 @@ class JobSpec(_Model):
         cfg = dict(self.method_config if cfg is None else cfg)
         if runs_circuits(self.method):
             cfg.update(executor=self.executor, executor_options=self.executor_options)
-            cfg.update(shots=self.shots, gradient=self.gradient)
+            cfg.update(shots=self.shots, gradient=self.gradient, gradient_options=self.gradient_options)
         return config_class(self.method)(**cfg)
 
     # --- files -------------------------------------------------------------------------------------

@@ -2,12 +2,11 @@
 
 Only methods that declare `runs_circuits` (QPA) run circuits (Quantum-PEFT's orthogonal maps and LoRA are
 classical); the executor's kind (qpeft_core/quantum/registry.py) gives its time per shot, the gradient
-strategy its circuits per VJP. Per optimizer step QPA runs
-one QNN forward (the angles change once per step; evaluation reuses the measured distribution) and, per
-gradient call, 2P circuits for parameter shift (+-pi/2 on each of the P angles) or 2 x samples for SPSA
-(0 for autograd on the exact simulator). Gradient calls per step: grad_accum when the quantum gradient is
-pushed at every backward (quantum_grad 'per_backward'), 1 for 'per_step'. Data-parallel replicas share
-the QNN (rank 0 talks to the QPU), so num_workers does not multiply the cost.
+strategy its circuits per VJP (2P for parameter shift and shot_adaptive, 2 x samples for SPSA, 0 for
+autograd on the exact simulator). The trainer takes one gradient call per angle update (dL/dp accumulated
+over micro-batches, and over quantum_update_every steps), after warm_start_steps on the exact simulator.
+Data-parallel replicas share the QNN (rank 0 talks to the QPU), so num_workers does not multiply the cost.
+shot_adaptive spends at most its forecast (shots is its per-circuit cap): shots_bound says "upper".
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ from __future__ import annotations
 import functools
 import json
 
-from qpeft_core.quantum.gradients import STRATEGIES, resolve_gradient
+from qpeft_core.quantum.gradients import build_strategy, resolve_gradient
 from qpeft_core.quantum.registry import ExecutorSpec
 from services.contract.jobspec import JobSpec, runs_circuits
 
@@ -108,13 +107,14 @@ def forecast(spec: JobSpec) -> dict:
             "circuits": 0,
             "shots": 0,
             "formula": "0 (classical method)",
+            "shots_bound": "exact",
             "explanation": f"{spec.method} computes its weight update classically and runs no circuits.",
         }
     from qpeft_core.adapters.qpa.generator import plan, resolve_widths
 
     cfg = spec.adapter_config()  # the QPAConfig the trainer will build, defaults included
     r, n_mlp, depth = cfg.r, cfg.n_mlp, cfg.qnn_depth
-    entangler, qgrad = cfg.entangler, cfg.quantum_grad
+    entangler = cfg.entangler
     dims = target_dims(spec, cfg.target_modules)
     m = sum(r * (d_in + d_out) for d_in, d_out in dims)
     try:  # the widths QPA will build: refuse now what the trainer would fail on later
@@ -132,11 +132,19 @@ def forecast(spec: JobSpec) -> dict:
         )
     _, n_qubits = plan(m, n_mlp)
     params = n_qubits * depth
-    grad_circuits = STRATEGIES[gradient]().circuits(params)
-    calls = spec.training.grad_accum if qgrad == "per_backward" else 1
+    options = spec.gradient_options if gradient == spec.gradient else {}
+    grad_circuits = build_strategy(gradient, options).circuits(params)
+    # The trainer takes one gradient call per update (dL/dp accumulated over micro-batches and, with
+    # quantum_update_every = k, over k steps), after warm_start_steps on the exact simulator. The angles are
+    # measured once per angle set: at the start and after each update, less the first update of the default
+    # mapping when k = 1 and no warm start (its gate starts at 0, so step 1 leaves the angles where they were).
+    k, warm = cfg.quantum_update_every, cfg.warm_start_steps
+    quantum_steps = max(0, steps - warm)
+    updates = quantum_steps // k
+    forwards = 0 if quantum_steps == 0 else updates + (0 if (k == 1 and warm == 0) else 1)
     shots = spec.shots or 0
-    per_step_circuits = 1 + calls * grad_circuits
-    circuits = steps * per_step_circuits
+    per_step_circuits = 1 + grad_circuits
+    circuits = forwards + updates * grad_circuits
     total = circuits * shots
     if ExecutorSpec.parse(spec.executor).kind.seconds_per_shot is not None:
         try:
@@ -148,16 +156,23 @@ def forecast(spec: JobSpec) -> dict:
         base.update(seconds_per_shot=per_shot, qpu_seconds=None if per_shot is None else per_shot * total)
     grad_text = {
         "parameter_shift": f"2P = {grad_circuits}",
+        "shot_adaptive": f"2P = {grad_circuits} (at most {shots} shots each: shots per angle adapt)",
         "spsa": f"2 x samples = {grad_circuits}",
         "autograd": "0 (autograd on the exact simulator)",
     }[gradient]
+    schedule = f"{quantum_steps} step(s) on the executor" + (f" after {warm} warm-start step(s)" if warm else "")
+    if k > 1:
+        schedule += f", the angles updated every {k} steps ({updates} updates)"
     explanation = (
         f"QPA generates m = r * sum(d_in + d_out) = {m} LoRA parameters over {len(dims)} target layer(s), "
         f"n_mlp = {n_mlp} per basis state, so N = {n_qubits} qubits and P = N x L = {params} angles. "
-        f"Each step runs 1 QNN forward and {calls} gradient call(s) of {grad_text} circuits "
-        f"({'one per backward' if qgrad == 'per_backward' else 'once per step'}), at {shots} shots per circuit"
-        f"{' (exact: no shots)' if not shots else ''}. "
+        f"{schedule}. Each update runs 1 gradient call of {grad_text} circuits and each new angle set 1 QNN "
+        f"forward, at {shots} shots per circuit{' (exact: no shots)' if not shots else ''}. "
         f"num_workers does not multiply this: data-parallel replicas share one QNN."
+    )
+    formula = (
+        f"shots = (forwards + updates x G) x shots_per_circuit = ({forwards} + {updates} x {grad_circuits}) x "
+        f"{shots} = {total}"
     )
     return {
         **base,
@@ -167,15 +182,13 @@ def forecast(spec: JobSpec) -> dict:
         "per_step": {
             "forward_circuits": 1,
             "gradient_circuits_per_call": grad_circuits,
-            "gradient_calls": calls,
+            "gradient_calls": 1,
             "circuits": per_step_circuits,
             "shots": per_step_circuits * shots,
         },
         "circuits": circuits,
         "shots": total,
-        "formula": (
-            f"shots = max_steps x (1 + calls x G) x shots_per_circuit = "
-            f"{steps} x (1 + {calls} x {grad_circuits}) x {shots} = {total}"
-        ),
+        "formula": formula,
+        "shots_bound": "upper" if gradient == "shot_adaptive" else "exact",
         "explanation": explanation,
     }

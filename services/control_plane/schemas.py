@@ -190,6 +190,9 @@ class Forecast(BaseModel):
     qpu_seconds: float | None = Field(description="estimated QPU time (IBM devices), from the device's timing")
     seconds_per_shot: float | None
     formula: str
+    shots_bound: Literal["exact", "upper"] = Field(
+        "exact", description="upper: an adaptive gradient strategy spends at most this many shots"
+    )
     explanation: str
 
 

@@ -72,7 +72,8 @@ class RemoteExecutor(Executor):
         self.ansatz, self.name, self.exact, self.max_qubits = (
             info[k] for k in ("ansatz", "name", "exact", "max_qubits")
         )
-        self.cost = {"forward": 0, "gradient": 0}  # shots of the latest call of each kind (rank 0)
+        self.since_check = 0  # shots run since the last stop vote (rank 0)
+        self.costliest = 0  # the most shots one step has taken so far
 
     def run(self, call: CircuitCall) -> ExecutionResult:
         size = call.circuits * self.ansatz.dim
@@ -86,7 +87,7 @@ class RemoteExecutor(Executor):
                 else:
                     probs, usage = out
                     buf[1:] = probs.detach().flatten().double()
-                    self.cost[call.tag or "forward"] = usage.shots
+                    self.since_check += usage.shots
             except Exception as e:  # told to the other ranks below, then raised here too
                 buf[0], why = 2, f"quantum pool call failed: {type(e).__name__}: {e}"
             self.say.state("TRAINING")
@@ -101,11 +102,13 @@ class RemoteExecutor(Executor):
         return ExecutionResult(buf[1:].view(call.circuits, self.ansatz.dim), usage)
 
     def out_of_budget(self, remaining) -> str | None:
-        """(Rank 0.) Why the next step cannot be paid for, or None: a forward and a gradient call."""
-        need = self.cost["forward"] + self.cost["gradient"]
+        """(Rank 0, after each step.) Why the next step may not be paid for, or None: the budget left is below
+        the costliest step so far (adaptive strategies and update periods make steps differ)."""
+        self.costliest, self.since_check = max(self.costliest, self.since_check), 0
+        need = self.costliest
         if remaining is None or need == 0 or remaining >= need:
             return None
-        return f"shot budget exhausted: {remaining} shots left, a step needs {need}"
+        return f"shot budget exhausted: {remaining} shots left, a step needs up to {need}"
 
 
 def build_model(spec: JobSpec, device):
