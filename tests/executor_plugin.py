@@ -10,14 +10,16 @@ from __future__ import annotations
 
 from qpeft_core.quantum.backend import CircuitCall, ExecutionResult, Executor, TorchBackend
 from qpeft_core.quantum.registry import ExecutorKind, register_executor
+from qpeft_core.quantum.timing import QPUTime
 
-SECONDS_PER_SHOT = 2e-4  # made up: what the forecast multiplies the shots by
+TIMING = QPUTime(per_shot_s=2e-4, per_job_s=0.5)  # made up: what the forecast and the ledger charge
 QUBITS = 8
 
 
 class DummyQPU(Executor):
     exact = False  # samples only: a job must set shots
     max_qubits = QUBITS
+    qpu_time = TIMING
 
     def __init__(self, ansatz, device: str, seed: int = 0):
         self.inner = TorchBackend(ansatz, seed=seed)
@@ -25,7 +27,7 @@ class DummyQPU(Executor):
 
     def run(self, call: CircuitCall) -> ExecutionResult:
         probs, usage = self.inner.run(call)
-        usage.backend, usage.qpu_s_estimated = self.name, SECONDS_PER_SHOT * usage.shots
+        usage.backend, usage.qpu_s_estimated = self.name, TIMING.seconds(usage.circuits, usage.shots)
         return ExecutionResult(probs, usage)
 
 
@@ -36,7 +38,8 @@ register_executor(
         build=lambda ansatz, arg, **options: DummyQPU(ansatz, arg, **options),
         needs_shots=True,
         qubits=lambda arg: QUBITS,
-        seconds_per_shot=lambda arg, ansatz: SECONDS_PER_SHOT,
+        qpu_time=lambda arg, ansatz: TIMING,
+        one_device=True,
         listing=lambda: [{"spec": "dummy:one", "kind": "dummy", "qubits": QUBITS, "exact": False}],
     )
 )

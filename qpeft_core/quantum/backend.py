@@ -95,7 +95,10 @@ class QuantumBackend(Protocol):
 
 
 class Executor:
-    """Base of the executors: `probabilities(thetas, shots)` checks the call once and hands it to `run`."""
+    """Base of the executors: `probabilities(thetas, shots)` checks the call once and hands it to `run`.
+    `qpu_time` (timing.QPUTime) is set by executors whose calls a provider bills by QPU time."""
+
+    qpu_time = None
 
     def run(self, call: CircuitCall) -> ExecutionResult:
         raise NotImplementedError

@@ -18,6 +18,7 @@ import torch
 
 from .ansatz import Ansatz, to_qiskit
 from .backend import CircuitCall, ExecutionResult, Executor, Usage, check_qubits
+from .timing import QPUTime, device_timing
 
 AER_MAX_QUBITS = 28  # the dense [B, 2^n] result stops being practical well before Aer's own limit
 MODES = ("job", "session", "batch")
@@ -222,8 +223,8 @@ def _bitarray_freqs(bits, n: int) -> torch.Tensor:
     return torch.from_numpy(counts / bits.num_shots)
 
 
-def _estimate(per_shot: float | None, shots: int) -> float | None:
-    return None if per_shot is None else per_shot * shots
+def _estimate(timing: QPUTime | None, circuits: int, shots: int) -> float | None:
+    return None if timing is None else timing.seconds(circuits, shots)
 
 
 # ---------------------------------------------------------------- executors
@@ -244,7 +245,7 @@ class AerSamplerBackend(Executor):
         if device is None:
             self.max_qubits, self.name, self.device = AER_MAX_QUBITS, "aer-sampler", None
             check_qubits(ansatz, self.max_qubits, "the Aer simulator")
-            self._circuit, self._sim, self._per_shot = circuit, AerSimulator(), None
+            self._circuit, self._sim = circuit, AerSimulator()
         else:
             device = fake_device(device) if isinstance(device, str) else device
             self.device, self.max_qubits = device, device.num_qubits
@@ -254,7 +255,6 @@ class AerSamplerBackend(Executor):
             qubits = _active_qubits(isa)
             self._circuit = _compact(isa, qubits)
             self._sim = _noisy_simulator(device_noise_model(device, qubits), len(qubits)) if noise else AerSimulator()
-            self._per_shot = seconds_per_shot(isa, device)
         self._rng = _seeds(seed)
 
     def run(self, call: CircuitCall) -> ExecutionResult:
@@ -275,7 +275,6 @@ class AerSamplerBackend(Executor):
             circuits=len(values),
             shots=len(values) * shots,
             wall_s=time.perf_counter() - t0,
-            qpu_s_estimated=_estimate(self._per_shot, len(values) * shots),
             job_ids=[job.job_id()],
         )
         return ExecutionResult(probs, usage)
@@ -326,7 +325,7 @@ class BackendSamplerV2Backend(Executor):
         self.name = f"qiskit:{backend.name}"
         self._isa = _transpile(to_qiskit(ansatz, measure=True)[0], backend, seed, optimization_level)
         self._sampler = BackendSamplerV2(backend=backend)
-        self._per_shot = seconds_per_shot(self._isa, backend)
+        self.qpu_time = device_timing(backend.name, seconds_per_shot(self._isa, backend))
         # Hardware backends may refuse a seed_simulator run option.
         self._rng = _seeds(seed) if simulator_seed else None
 
@@ -343,7 +342,7 @@ class BackendSamplerV2Backend(Executor):
             circuits=len(values),
             shots=len(values) * bits.num_shots,
             wall_s=time.perf_counter() - t0,
-            qpu_s_estimated=_estimate(self._per_shot, len(values) * bits.num_shots),
+            qpu_s_estimated=_estimate(self.qpu_time, len(values), len(values) * bits.num_shots),
             job_ids=[job.job_id()],
         )
         return ExecutionResult(_bitarray_freqs(bits, self.ansatz.n_qubits), usage)
@@ -414,7 +413,7 @@ class IBMRuntimeBackend(Executor):
         self.name = f"fake-ibm:{backend.name}" if self.local else f"ibm:{backend.name}"
         check_qubits(ansatz, self.max_qubits, f"device {backend.name}")
         self._isa = _transpile(to_qiskit(ansatz, measure=True)[0], backend, seed, optimization_level)
-        self._per_shot = seconds_per_shot(self._isa, backend)
+        self.qpu_time = device_timing(backend.name, seconds_per_shot(self._isa, backend))
         self._options = dict(sampler_options or {})
         self._target = backend
         if self.local:
@@ -472,7 +471,7 @@ class IBMRuntimeBackend(Executor):
             shots=total,
             wall_s=time.perf_counter() - t0,
             qpu_s=None if self.local else _reported_seconds(job),
-            qpu_s_estimated=_estimate(self._per_shot, total),
+            qpu_s_estimated=_estimate(self.qpu_time, len(values), total),
             job_ids=[job.job_id()],
         )
         return ExecutionResult(_bitarray_freqs(bits, self.ansatz.n_qubits), usage)

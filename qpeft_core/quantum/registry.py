@@ -7,7 +7,8 @@ ibm:<backend name>       a real IBM QPU through IBM Runtime; needs an account (o
 fake-ibm:<fake device>   IBM Runtime in local testing mode on a fake device (options: mode, noise, ...)
 
 `ExecutorSpec.parse(text)` is what the JobSpec, the quantum pool and the forecast read: whether the kind
-needs shots, which worker group runs it, how many qubits it has, its time per shot, and how to build it.
+needs shots, which worker group runs it, how many qubits it has, its billed QPU time (timing.QPUTime),
+whether it is one device (calls sent whole), and how to build it.
 Adding a kind (another vendor's Qiskit BackendV2, say) is one `register_executor(ExecutorKind(...))` call,
 in this file or in a module named in QPEFT_EXECUTOR_PLUGINS (imported on first lookup, in every process
 that parses a spec: the control plane, the trainer and each quantum worker).
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 
 from .ansatz import Ansatz
 from .backend import QuantumBackend, TorchBackend
+from .timing import QPUTime, device_timing
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +37,8 @@ IBM_BACKEND_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")  # IBM's device names: ib
 @dataclass(frozen=True)
 class ExecutorKind:
     """One kind of executor. `build(ansatz, arg, **options)` makes it; `check(arg)` raises ValueError for an
-    argument this kind cannot take (no network); `qubits(arg)` and `seconds_per_shot(arg, ansatz)` may
-    answer None (unknown here) and raise RuntimeError when they need an account that is not configured."""
+    argument this kind cannot take (no network); `qubits(arg)` and `qpu_time(arg, ansatz)` may answer None
+    (unknown here) and raise RuntimeError when they need an account that is not configured."""
 
     prefix: str  # "aer-noisy"; the spec is the prefix, or "prefix:arg" when `arg` names the argument
     arg: str | None  # what follows the colon, e.g. "<fake device>"; None: the spec is the bare prefix
@@ -46,7 +48,10 @@ class ExecutorKind:
     differentiable: bool = False  # autograd can differentiate it in the trainer's own process
     check: Callable[[str], None] | None = None
     qubits: Callable[[str], int | None] | None = None
-    seconds_per_shot: Callable[[str, Ansatz], float | None] | None = None  # QPU time, where it means money
+    qpu_time: Callable[[str, Ansatz], QPUTime | None] | None = None  # the billed time model (timing.py)
+    # one device that runs jobs one after another: the pool sends its calls whole, since splitting them over
+    # workers would add a job's fixed cost per share and gain no parallelism
+    one_device: bool = False
     listing: Callable[[], list[dict]] | None = None  # the specs of this kind available here
 
     @property
@@ -119,8 +124,12 @@ class ExecutorSpec:
     def qubits(self) -> int | None:
         return self.kind.qubits(self.arg) if self.kind.qubits else None
 
-    def seconds_per_shot(self, ansatz: Ansatz) -> float | None:
-        return self.kind.seconds_per_shot(self.arg, ansatz) if self.kind.seconds_per_shot else None
+    def qpu_time(self, ansatz: Ansatz) -> QPUTime | None:
+        return self.kind.qpu_time(self.arg, ansatz) if self.kind.qpu_time else None
+
+    @property
+    def one_device(self) -> bool:
+        return self.kind.one_device
 
     def build(self, ansatz: Ansatz, **options) -> QuantumBackend:
         return self.kind.build(ansatz, self.arg, **options)
@@ -176,10 +185,10 @@ def _ibm_device(arg: str):
     return _qb().ibm_service().backend(arg)
 
 
-def _device_seconds_per_shot(device, ansatz: Ansatz) -> float | None:
+def _device_time(device, ansatz: Ansatz) -> QPUTime | None:
     if ansatz.n_qubits > device.num_qubits:
         raise ValueError(f"the QNN needs {ansatz.n_qubits} qubits; {device.name} has {device.num_qubits}")
-    return _qb().ansatz_seconds_per_shot(ansatz, device)
+    return device_timing(device.name, _qb().ansatz_seconds_per_shot(ansatz, device))
 
 
 def _listing(prefix: str, kind: str):
@@ -240,7 +249,8 @@ register_executor(
         needs_shots=True,
         check=_check_fake,
         qubits=lambda arg: _qb().fake_device_qubits(arg),
-        seconds_per_shot=lambda arg, ansatz: _device_seconds_per_shot(_fake(arg), ansatz),
+        qpu_time=lambda arg, ansatz: _device_time(_fake(arg), ansatz),
+        one_device=True,
         listing=_listing("fake-ibm", "fake"),
     )
 )
@@ -252,7 +262,8 @@ register_executor(
         needs_shots=True,
         worker_group="qpu_ibm",
         check=_check_ibm,
-        seconds_per_shot=lambda arg, ansatz: _device_seconds_per_shot(_ibm_device(arg), ansatz),
+        qpu_time=lambda arg, ansatz: _device_time(_ibm_device(arg), ansatz),
+        one_device=True,
         listing=_listing("ibm", "ibm"),
     )
 )

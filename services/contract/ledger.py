@@ -89,6 +89,7 @@ class Account:
     qpu_s_budget: float | None = None  # None: unlimited, but still counted
     qpu_s_spent: float = 0.0
     qpu_s_reserved: float = 0.0
+    qpu_s_estimated: float = 0.0  # the part of qpu_s_spent that is an estimate, not a provider's report
 
     @property
     def remaining(self) -> int | None:
@@ -168,12 +169,14 @@ class InMemoryLedger:
             acc, held = self._close(reservation, actual, "commit")
             acc.spent += actual
             acc.qpu_s_spent += held.qpu_s if qpu_s is None else qpu_s
+            acc.qpu_s_estimated += held.qpu_s if qpu_s is None else 0.0
 
     def release(self, reservation: str, lost: int = 0, qpu_s: float | None = 0.0) -> None:
         with self.lock:
             acc, held = self._close(reservation, lost, "release with lost shots")
             acc.lost += lost
             acc.qpu_s_spent += held.qpu_s if qpu_s is None else qpu_s
+            acc.qpu_s_estimated += held.qpu_s if qpu_s is None else 0.0
 
     def remaining(self, key: str) -> int | None:
         with self.lock:
@@ -187,4 +190,4 @@ class InMemoryLedger:
         """A copy of the key's counters (shots and QPU seconds: budget, spent, lost, reserved)."""
         with self.lock:
             a = self._account(key)
-            return Account(a.budget, a.spent, a.lost, a.reserved, a.qpu_s_budget, a.qpu_s_spent, a.qpu_s_reserved)
+            return Account(**vars(a))

@@ -47,6 +47,7 @@ class AccountState:
     qpu_s_budget: float | None
     qpu_s_spent: float
     qpu_s_reserved: float
+    qpu_s_estimated: float = 0.0  # within qpu_s_spent: the time model's estimate, not a provider's report
 
     @classmethod
     def of(cls, row: Budget) -> AccountState:
@@ -169,10 +170,11 @@ class SQLLedger:
         """Close an open reservation, charging `amount` shots as spent (commit) or lost (release)."""
         with self.engine.begin() as conn:
             q = R.c.qpu_s if qpu_s is None else qpu_s
+            reported = qpu_s is not None
             row = conn.execute(
                 update(R)
                 .where(R.c.id == reservation, R.c.state == "open", R.c.shots >= amount)
-                .values(state=state, actual=amount, qpu_s_actual=q, closed_at=now())
+                .values(state=state, actual=amount, qpu_s_actual=q, qpu_s_reported=reported, closed_at=now())
                 .returning(R.c.key, R.c.parent, R.c.shots, R.c.qpu_s, R.c.qpu_s_actual)
             ).first()
             if row is not None:
@@ -182,6 +184,7 @@ class SQLLedger:
                     charged: charged + amount,
                     B.c.qpu_s_reserved: B.c.qpu_s_reserved - row.qpu_s,
                     B.c.qpu_s_spent: B.c.qpu_s_spent + row.qpu_s_actual,
+                    B.c.qpu_s_estimated: B.c.qpu_s_estimated + (0.0 if reported else row.qpu_s_actual),
                 }
                 for key in (row.key, row.parent):  # child first, as reserve does: one lock order
                     if key is not None:

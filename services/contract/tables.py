@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import BigInteger, DateTime, Float, ForeignKey, String
+from sqlalchemy import BigInteger, Boolean, DateTime, Float, ForeignKey, String, false
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
@@ -45,6 +45,8 @@ class Budget(Base):
     qpu_s_budget: Mapped[float | None] = mapped_column(Float)
     qpu_s_spent: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
     qpu_s_reserved: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+    # the part of qpu_s_spent that is the time model's estimate, not a provider's report (migration 0005)
+    qpu_s_estimated: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
 
 
 class Reservation(Base):
@@ -57,5 +59,6 @@ class Reservation(Base):
     state: Mapped[str] = mapped_column(String(12), default="open")  # open | committed | released
     actual: Mapped[int] = mapped_column(BigInteger, default=0)  # committed shots, or lost ones on release
     qpu_s_actual: Mapped[float] = mapped_column(Float, default=0.0)
+    qpu_s_reported: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     created_at: Mapped[datetime] = mapped_column(default=now)
     closed_at: Mapped[datetime | None] = mapped_column()

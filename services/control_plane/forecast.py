@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 
 from qpeft_core.quantum.gradients import build_strategy, resolve_gradient
 from qpeft_core.quantum.registry import ExecutorSpec
@@ -65,11 +66,11 @@ def target_dims(spec: JobSpec, targets) -> tuple[tuple[int, int], ...]:
 
 
 @functools.lru_cache(maxsize=64)
-def _seconds_per_shot(executor: str, n_qubits: int, depth: int, entangler: str) -> float | None:
-    """The executor kind's QPU time per shot for the QNN (qpeft_core/quantum/registry.py); None where unknown."""
+def _qpu_time(executor: str, n_qubits: int, depth: int, entangler: str):
+    """The executor kind's billed-time model for the QNN (qpeft_core/quantum/timing.py); None where unknown."""
     from qpeft_core.quantum.ansatz import qpa_ansatz
 
-    return ExecutorSpec.parse(executor).seconds_per_shot(qpa_ansatz(n_qubits, depth, entangler))
+    return ExecutorSpec.parse(executor).qpu_time(qpa_ansatz(n_qubits, depth, entangler))
 
 
 def warm_up_qiskit() -> None:
@@ -85,7 +86,7 @@ def warm_up_qiskit() -> None:
     qb.fake_device("FakeManilaV2").num_qubits  # noqa: B018  (builds the Target: standard gates, parameters)
 
 
-def forecast(spec: JobSpec) -> dict:
+def forecast(spec: JobSpec, usd_per_qpu_second: float | None = None) -> dict:
     steps = spec.max_steps
     gradient = resolved_gradient(spec)
     base = {
@@ -95,6 +96,8 @@ def forecast(spec: JobSpec) -> dict:
         "max_steps": steps,
         "seconds_per_shot": None,
         "qpu_seconds": None,
+        "jobs": 0,
+        "cost_usd": None,
     }
     if not runs_circuits(spec.method):
         zero = {"forward_circuits": 0, "gradient_circuits_per_call": 0, "gradient_calls": 0, "circuits": 0, "shots": 0}
@@ -146,14 +149,30 @@ def forecast(spec: JobSpec) -> dict:
     per_step_circuits = 1 + grad_circuits
     circuits = forwards + updates * grad_circuits
     total = circuits * shots
-    if ExecutorSpec.parse(spec.executor).kind.seconds_per_shot is not None:
+    # Executor calls, each one Runtime job: a forward, and per update one gradient call (shot_adaptive: one per
+    # shot count it picks, at most one per power of two between min_shots and shots, or per angle).
+    jobs_per_update = 1
+    if gradient == "shot_adaptive" and shots:
+        low = min(build_strategy(gradient, options).min_shots, shots)
+        jobs_per_update = min(params, 1 + math.ceil(math.log2(shots / low)))
+    jobs = forwards + updates * jobs_per_update
+    base["jobs"] = jobs
+    if ExecutorSpec.parse(spec.executor).kind.qpu_time is not None:
         try:
-            per_shot = _seconds_per_shot(spec.executor, n_qubits, depth, entangler)
+            timing = _qpu_time(spec.executor, n_qubits, depth, entangler)
         except ValueError as e:
             raise ApiError(422, str(e), "body.executor", "pick a device with enough qubits or a smaller QNN") from e
-        except RuntimeError:  # no IBM account here: the time cannot be looked up
-            per_shot = None
-        base.update(seconds_per_shot=per_shot, qpu_seconds=None if per_shot is None else per_shot * total)
+        except RuntimeError:  # no IBM account here: the device's timing cannot be looked up
+            timing = None
+        if timing is not None:
+            seconds = jobs * timing.per_job_s + circuits * timing.per_circuit_s + total * timing.per_shot_s
+            base.update(
+                seconds_per_shot=timing.per_shot_s,
+                seconds_per_job=timing.per_job_s,
+                seconds_per_circuit=timing.per_circuit_s,
+                qpu_seconds=seconds,
+                cost_usd=None if usd_per_qpu_second is None else seconds * usd_per_qpu_second,
+            )
     grad_text = {
         "parameter_shift": f"2P = {grad_circuits}",
         "shot_adaptive": f"2P = {grad_circuits} (at most {shots} shots each: shots per angle adapt)",

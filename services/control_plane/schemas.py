@@ -90,7 +90,13 @@ class JobShots(BaseModel):
     limit: int | None
     forecast: int | None
     qpu_seconds: float
+    qpu_seconds_estimated: float = Field(
+        0.0, description="the part of qpu_seconds that is the time model's estimate (no provider report)"
+    )
+    qpu_seconds_limit: float | None = None
     qpu_seconds_forecast: float | None
+    cost_usd: float = Field(0.0, description="qpu_seconds at the server's QPEFT_QPU_USD_PER_S rate")
+    cost_usd_forecast: float | None = None
 
 
 class JobParameters(BaseModel):
@@ -187,8 +193,17 @@ class Forecast(BaseModel):
     max_steps: int
     circuits: int
     shots: int
-    qpu_seconds: float | None = Field(description="estimated QPU time (IBM devices), from the device's timing")
+    qpu_seconds: float | None = Field(
+        description="estimated QPU time (IBM devices): jobs x seconds_per_job + circuits x seconds_per_circuit "
+        "+ shots x seconds_per_shot (qpeft_core/quantum/timing.py)"
+    )
     seconds_per_shot: float | None
+    seconds_per_job: float | None = Field(None, description="the fixed QPU time of one Runtime job")
+    seconds_per_circuit: float | None = None
+    jobs: int = Field(0, description="executor calls, each one Runtime job (an upper bound for shot_adaptive)")
+    cost_usd: float | None = Field(
+        None, description="qpu_seconds at the server's QPEFT_QPU_USD_PER_S rate (default: IBM's pay-as-you-go price)"
+    )
     formula: str
     shots_bound: Literal["exact", "upper"] = Field(
         "exact", description="upper: an adaptive gradient strategy spends at most this many shots"

@@ -55,6 +55,9 @@ class Settings(BaseModel):
     model_roots: list[Path] = Field(default_factory=list)
     hub_cache: Path | None = None  # Hugging Face hub cache for hub ids (None: the hub library's default)
     max_attempts: int = Field(3, ge=1)  # Ray submissions per job when its driver dies (killed, node lost)
+    # The price of a QPU second for the cost figures. Default: IBM Quantum's Pay-As-You-Go rate as published
+    # on ibm.com/quantum/pricing (USD 96 per minute, read 2026-12-07); set your contract's rate.
+    qpu_usd_per_s: float = Field(1.60, ge=0)
 
     @property
     def embedded(self) -> bool:
@@ -117,6 +120,7 @@ class Settings(BaseModel):
             "model_roots": _paths(env.get("QPEFT_MODEL_ROOTS")),
             "hub_cache": env.get("QPEFT_HUB_CACHE"),
             "max_attempts": env.get("QPEFT_MAX_ATTEMPTS"),
+            "qpu_usd_per_s": env.get("QPEFT_QPU_USD_PER_S"),
         }
         values = {k: v for k, v in values.items() if v is not None}
         values.update(overrides)

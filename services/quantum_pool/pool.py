@@ -6,10 +6,13 @@
 - A call of at least 2 * min_share circuits (e.g. all parameter-shift points of a step) is cut into
   contiguous shares, one per worker, and gathered in order; a smaller call goes whole to the least
   busy worker.
-- Every share reserves circuits x shots in the ledger before it is sent and commits what the executor
-  reports after. A share whose worker dies (actor death) or hangs (past call_timeout_s; the pool then
-  kills it) is charged as lost, re-reserved and sent to another worker; Ray restarts the dead actor,
-  and the pool sends it nothing until it answers a ping. The timeout counts from sending, so it also
+- Every share reserves circuits x shots, and the QPU seconds its executor's time model estimates, in the
+  ledger before it is sent, and commits what the executor reports after (QPU seconds as the provider
+  reported them, or else the estimate). A device's calls go whole to one worker: splitting them would add a
+  job's fixed QPU time per share and gain nothing, as one device runs jobs one after another.
+- A share whose worker dies (actor death) or hangs (past call_timeout_s; the pool then kills it) is
+  charged as lost (its shots and estimated QPU time), re-reserved and sent to another worker; Ray restarts
+  the dead actor, and the pool sends it nothing until it answers a ping. The timeout counts from sending, so it also
   covers time queued behind other calls on that worker: set it well above the longest expected call.
 """
 
@@ -86,6 +89,9 @@ class QuantumPool(Executor):
                 f"{resources} and the cluster has {ray.cluster_resources()}"
             ) from None
         self.name, self.exact, self.max_qubits = infos[0]["name"], infos[0]["exact"], infos[0]["max_qubits"]
+        self.qpu_time = infos[0].get("qpu_time")  # billed time model (qpeft_core/quantum/timing.py), or None
+        # one device runs jobs one after another: a call goes whole (splitting adds a job's fixed cost per share)
+        self.one_device = isinstance(spec, str) and ExecutorSpec.parse(spec).one_device
         check_qubits(ansatz, self.max_qubits, f"executor {self.name}")
         self.busy = [0] * n_workers  # shares in flight per worker, for least-busy placement
         self.rotation = itertools.count()  # breaks ties so equal workers take turns
@@ -95,9 +101,9 @@ class QuantumPool(Executor):
 
     # --- the executor protocol -------------------------------------------------------------------
     def run(self, call: CircuitCall) -> ExecutionResult:
-        n = max(1, min(len(self.workers), call.circuits // self.min_share))
+        n = 1 if self.one_device else max(1, min(len(self.workers), call.circuits // self.min_share))
         shares = call.split(n)
-        outs = self._run("run", [(c,) for c in shares], [c.total_shots for c in shares])
+        outs = self._run("run", [(c,) for c in shares], [(c.total_shots, self._seconds(c)) for c in shares])
         usage = sum((u for _, u in outs), Usage(self.name))
         return ExecutionResult(torch.cat([p for p, _ in outs]), usage)
 
@@ -135,13 +141,20 @@ class QuantumPool(Executor):
             ray.wait(probes, num_returns=1, timeout=1.0)
             time.sleep(0.05)  # a restarting actor refuses pings at once: do not spin
 
+    def _seconds(self, call: CircuitCall) -> float:
+        """The QPU seconds a share is estimated to take (0 where nothing bills time)."""
+        return 0.0 if self.qpu_time is None else self.qpu_time.seconds(call.circuits, call.total_shots)
+
     # --- dispatch ---------------------------------------------------------------------------------
-    def _reserve(self, shots: int):
-        return self.ledger.reserve(self.key, shots) if shots else None  # exact calls cost no shots
+    def _reserve(self, cost: tuple[int, float]):
+        shots, seconds = cost
+        if not shots and not seconds:  # exact calls cost nothing
+            return None
+        return self.ledger.reserve(self.key, shots, qpu_s=seconds)
 
     def _release(self, rid, lost: int = 0):
-        if rid is not None:
-            self.ledger.release(rid, lost=lost)
+        if rid is not None:  # lost work keeps its estimated QPU time charged (it may have run); else none
+            self.ledger.release(rid, lost=lost, qpu_s=None if lost else 0.0)
 
     def _send(self, pending: dict, i: int, method: str, args, rid, avoid: int | None = None):
         try:
@@ -152,13 +165,13 @@ class QuantumPool(Executor):
         ref = getattr(self.workers[k], method).remote(*args)
         pending[ref] = (i, k, rid, time.monotonic() + self.call_timeout_s)
 
-    def _run(self, method: str, shares: list[tuple], shots: list[int]) -> list:
+    def _run(self, method: str, shares: list[tuple], costs: list[tuple[int, float]]) -> list:
         """Run shares[i] as workers[k].method(*shares[i]) on some k each; results in share order."""
         # Reserve every share before any runs, so a refused call spends nothing.
         rids = []
         try:
-            for s in shots:
-                rids.append(self._reserve(s))
+            for c in costs:
+                rids.append(self._reserve(c))
         except BudgetExhausted:
             for rid in rids:
                 self._release(rid)
@@ -189,13 +202,13 @@ class QuantumPool(Executor):
                         raise WorkerHung(f"worker {k} gave no answer within {self.call_timeout_s} s")
                     out = ray.get(ref)
                 except (RayActorError, WorkerHung) as err:
-                    self._lose(k, rid, shots[i], err)
+                    self._lose(k, rid, costs[i][0], err)
                     if fatal is None and attempts[i] >= self.max_attempts:
                         fatal = PoolError(f"share {i} of {len(shares)} failed {attempts[i]} times; last: {err}")
                     if fatal is None:
                         attempts[i] += 1
                         try:
-                            self._send(pending, i, method, shares[i], self._reserve(shots[i]), avoid=k)
+                            self._send(pending, i, method, shares[i], self._reserve(costs[i]), avoid=k)
                         except (BudgetExhausted, PoolError) as exc:
                             fatal = exc
                     continue
@@ -204,10 +217,11 @@ class QuantumPool(Executor):
                     fatal = fatal or err
                     continue
                 if rid is not None:
-                    ran = out[1].shots
-                    if ran > shots[i]:
-                        log.warning("executor reported %d shots for a share reserved at %d", ran, shots[i])
-                    self.ledger.commit(rid, min(ran, shots[i]))
+                    usage, held = out[1], costs[i][0]
+                    if usage.shots > held:
+                        log.warning("executor reported %d shots for a share reserved at %d", usage.shots, held)
+                    # QPU time as the provider reported it; where nothing reports it, the estimate held
+                    self.ledger.commit(rid, min(usage.shots, held), qpu_s=usage.qpu_s)
                 results[i] = out
         # Only after every share is settled in the ledger is a failure reported.
         if fatal is not None:

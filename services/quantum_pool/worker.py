@@ -28,7 +28,8 @@ class QuantumWorker:
 
     def info(self) -> dict:
         e = self.executor
-        return {"name": e.name, "exact": e.exact, "max_qubits": e.max_qubits, "pid": os.getpid()}
+        timing = getattr(e, "qpu_time", None)
+        return {"name": e.name, "exact": e.exact, "max_qubits": e.max_qubits, "pid": os.getpid(), "qpu_time": timing}
 
     def run(self, call: CircuitCall):
         probs, usage = self.executor.run(call)  # checked where it entered: not here again

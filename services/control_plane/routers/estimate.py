@@ -25,7 +25,7 @@ router = APIRouter(route_class=SessionReleasingRoute, tags=["estimate"])
 def estimate(spec: JobSpec, request: Request, db: Db, tenant: TenantName) -> schemas.Estimate:
     spec = tenant_spec(spec, request.app.state.settings, db, tenant)
     check_fits(request, spec)
-    fc = forecast(spec)
+    fc = forecast(spec, request.app.state.settings.qpu_usd_per_s)
     acc = request.app.state.ledger.account(tenant, db)
     return schemas.Estimate(
         **fc,

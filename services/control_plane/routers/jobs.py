@@ -36,6 +36,8 @@ def find_job(db, tenant: str, job_id: str) -> Job:
 
 def job_out(request: Request, db, job: Job) -> schemas.Job:
     acc = db.get(Budget, f"job:{job.id}")
+    qpu_s = max(acc.qpu_s_spent if acc else 0.0, job.qpu_s or 0.0)
+    price = request.app.state.settings.qpu_usd_per_s
     base = f"/v1/jobs/{job.id}"
     links = {
         "self": base,
@@ -68,8 +70,12 @@ def job_out(request: Request, db, job: Job) -> schemas.Job:
             reserved=acc.reserved if acc else 0,
             limit=acc.budget if acc else None,
             forecast=job.forecast_shots,
-            qpu_seconds=max(acc.qpu_s_spent if acc else 0.0, job.qpu_s or 0.0),
+            qpu_seconds=qpu_s,
+            qpu_seconds_estimated=acc.qpu_s_estimated if acc else 0.0,
+            qpu_seconds_limit=acc.qpu_s_budget if acc else None,
             qpu_seconds_forecast=job.forecast_qpu_s,
+            cost_usd=qpu_s * price,
+            cost_usd_forecast=None if job.forecast_qpu_s is None else job.forecast_qpu_s * price,
         ),
         spec=job.spec,
         links=links,
@@ -116,7 +122,7 @@ def submit(
         if earlier is not None:
             return _replay(request, response, db, earlier, digest, idempotency_key)
     check_fits(request, spec)
-    fc = forecast(spec)
+    fc = forecast(spec, request.app.state.settings.qpu_usd_per_s)
     _admit(request, db, tenant, spec, fc)
     job_id = uuid.uuid4().hex[:16]
     job = Job(
