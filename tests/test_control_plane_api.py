@@ -196,7 +196,10 @@ def test_estimate_and_budget_refusal(env):
     lora = {**SPEC, "method": "lora", "executor": "exact", "shots": None, "method_config": {}}
     assert c.post("/v1/estimate", json=lora, headers=a).json()["shots"] == 0
     ibm = c.post("/v1/estimate", json={**SPEC, "executor": "fake-ibm:FakeManilaV2"}, headers=a).json()
-    assert ibm["qpu_seconds"] == pytest.approx(ibm["seconds_per_shot"] * ibm["shots"]) and ibm["qpu_seconds"] > 0
+    # QPU time: a job per executor call (5 forwards, 5 gradient calls) at its fixed cost, plus every shot's time
+    assert ibm["jobs"] == 10 and ibm["seconds_per_job"] == 3.0 and ibm["qpu_seconds"] > 0
+    want = ibm["jobs"] * ibm["seconds_per_job"] + ibm["seconds_per_shot"] * ibm["shots"]
+    assert ibm["qpu_seconds"] == pytest.approx(want) and ibm["cost_usd"] == pytest.approx(1.6 * want)
 
     big = {**SPEC, "max_steps": 50}
     assert not c.post("/v1/estimate", json=big, headers=a).json()["fits_budget"]

@@ -185,7 +185,7 @@ def test_bad_inputs_name_the_argument_and_allowed_values():
         make_backend("aer-noisy:FakeManilaV2", qpa_ansatz(6, 1))
     with pytest.raises(ValueError, match="needs 6 qubits but device fake_lima has 5"):
         make_backend("fake-ibm:fake_lima", qpa_ansatz(6, 1))
-    with pytest.raises(ValueError, match=r"unknown backend spec 'qpu'.*aer-noisy:<fake device>.*FakeManilaV2"):
+    with pytest.raises(ValueError, match=r"'qpu': unknown backend spec.*aer-noisy:<fake device>.*FakeManilaV2"):
         make_backend("qpu", ansatz)
     with pytest.raises(ValueError, match=r"'fake-ibm:FakeNowhere'.*unknown fake device.*FakeSherbrooke"):
         make_backend("fake-ibm:FakeNowhere", ansatz)

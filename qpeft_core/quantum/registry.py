@@ -77,6 +77,15 @@ def _load_plugins(names: str) -> None:
         importlib.import_module(name)
 
 
+class ExecutorSpecError(ValueError):
+    """A spec no registered kind takes. str() names the spec (for library users); `reason` does not repeat
+    it (for an API, whose errors never echo input)."""
+
+    def __init__(self, text: str, reason: str, detail: str = ""):
+        super().__init__(f"executor {text!r}: {reason}{detail}")
+        self.reason = reason
+
+
 @dataclass(frozen=True)
 class ExecutorSpec:
     """A parsed executor spec string: its kind and argument."""
@@ -91,10 +100,8 @@ class ExecutorSpec:
         prefix, sep, arg = str(text).partition(":")
         kind, arg = KINDS.get(prefix.strip()), arg.strip()
         if kind is None or (kind.arg is None and sep) or (kind.arg is not None and not sep):
-            raise ValueError(
-                f"unknown backend spec {text!r}; use one of {', '.join(spec_forms())}; "
-                f"fake devices: {', '.join(_qb().fake_devices())}"
-            )
+            devices = f"; fake devices: {', '.join(_qb().fake_devices())}"
+            raise ExecutorSpecError(text, f"unknown backend spec; use one of {', '.join(spec_forms())}", devices)
         if kind.arg is not None:
             try:
                 if kind.check is not None:
@@ -102,7 +109,7 @@ class ExecutorSpec:
                 elif not arg:
                     raise ValueError(f"name the {kind.arg}")
             except ValueError as e:
-                raise ValueError(f"executor {text!r}: {e}") from None
+                raise ExecutorSpecError(text, str(e)) from None
         return cls(kind, arg)
 
     @property
@@ -171,7 +178,7 @@ def _fake(arg: str):
 def _check_fake(arg: str) -> None:
     if _qb().fake_device_qubits(arg) is None:
         raise ValueError(
-            f"unknown fake device {arg!r}; use one of {', '.join(sorted(_qb().fake_devices()))} "
+            f"unknown fake device; use one of {', '.join(sorted(_qb().fake_devices()))} "
             "(GET /v1/backends lists every executor)"
         )
 

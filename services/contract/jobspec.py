@@ -391,12 +391,12 @@ def fake_device_qubits(name: str) -> int | None:
 
 def check_executor(spec: str) -> str:
     """The executor registry's parse (qpeft_core/quantum/registry.py), its message as the field's error."""
-    from qpeft_core.quantum.registry import ExecutorSpec
+    from qpeft_core.quantum.registry import ExecutorSpec, ExecutorSpecError
 
     try:
         return ExecutorSpec.parse(spec).text
-    except ValueError as e:
-        raise _err("executor", str(e)) from None
+    except ExecutorSpecError as e:  # its reason: the error never repeats what was sent
+        raise _err("executor", e.reason) from None
 
 
 def runs_circuits(method: str) -> bool:
