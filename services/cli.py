@@ -189,23 +189,30 @@ def submit(
         raise typer.Exit(_follow(job))
 
 
+def _qpu(shots: dict) -> str:
+    """'  QPU 12.3 s $19.68' once a job has spent QPU time (cost at the server's rate), else ''."""
+    if not shots.get("qpu_seconds"):
+        return ""
+    return f"  QPU {shots['qpu_seconds']:.1f} s ${shots['cost_usd']:.2f}"
+
+
 def _follow(job: dict) -> int:
     """A progress bar with loss and shots until the job is final; exit code 0 only for SUCCEEDED."""
     columns = [
         TextColumn("[bold]{task.fields[state]}"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}  shots {task.fields[shots]}"),
+        TextColumn("loss {task.fields[loss]}  shots {task.fields[shots]}{task.fields[qpu]}"),
         TimeElapsedColumn(),
     ]
     final = job
     with Progress(*columns, console=out, transient=False) as bar:
-        task = bar.add_task(job["id"], total=job["max_steps"] or None, state=job["state"], loss="-", shots="0")
+        task = bar.add_task(job["id"], total=job["max_steps"] or None, state=job["state"], loss="-", shots="0", qpu="")
         for name, data in _sse(f"/v1/jobs/{job['id']}/events"):
             if name == "job":
                 final = data
                 sub = f" {data['sub_state']}" if data.get("sub_state") else ""
-                bar.update(task, state=data["state"] + sub, shots=_fmt(data["shots"]["spent"]))
+                bar.update(task, state=data["state"] + sub, shots=_fmt(data["shots"]["spent"]), qpu=_qpu(data["shots"]))
             elif name == "progress":
                 bar.update(task, completed=data["step"], loss=_fmt(data["loss"]), shots=_fmt(data["shots_spent"]))
             elif name == "end":
@@ -283,7 +290,11 @@ def estimate(spec: Annotated[Path, typer.Argument(exists=True, dir_okay=False, h
     e = _call("POST", "/v1/estimate", json=load_spec(spec))
     out.print(f"[bold]{e['shots']:,}[/bold] shots over {e['circuits']:,} circuits ({e['max_steps']} steps)")
     if e["qpu_seconds"] is not None:
-        out.print(f"about {e['qpu_seconds']:.1f} s of QPU time ({e['seconds_per_shot'] * 1e6:.1f} us per shot)")
+        out.print(
+            f"about {e['qpu_seconds']:.1f} s of QPU time: {e['jobs']} jobs x {e['seconds_per_job']:.1f} s fixed + "
+            f"{e['shots']:,} shots x {e['seconds_per_shot'] * 1e6:.1f} us"
+            + (f", about ${e['cost_usd']:,.2f}" if e.get("cost_usd") is not None else "")
+        )
     out.print(e["formula"])
     out.print(f"[dim]{e['explanation']}[/dim]")
     left = "unlimited" if e["budget_remaining"] is None else f"{e['budget_remaining']:,}"

@@ -105,11 +105,13 @@ def run_jobs(
         "method_config": {"r": 4, "quantum_grad": "per_step", "n_mlp": 64 if model.startswith("tiny") else 2048},
         "training": {"batch_size": batch, "lr": 2e-3, "warmup_steps": 1, "eval_max_batches": 2},
     }
-    # shot-frugal: parameter shift with shots per angle from the estimated noise, at most 256 per circuit
-    sampled = {**base, "name": "qpa on aer, shot-adaptive", "executor": "aer", "shots": 256}
-    sampled.update(gradient="shot_adaptive", gradient_options={"min_shots": 32}, max_steps=2 if quick else 3)
+    # A 7-qubit IBM device simulated with its noise (qiskit-ibm-runtime's local mode), so the job has a QPU
+    # time and a cost; shot-frugal: parameter shift with shots per angle from the estimated noise, at most 256
+    sampled = {**base, "name": "qpa on fake ibm_nairobi, shot-adaptive", "executor": "fake-ibm:FakeNairobiV2"}
+    sampled.update(shots=256, gradient="shot_adaptive", gradient_options={"min_shots": 32})
+    sampled["max_steps"] = 2 if quick else 3
     naive = c.post("/v1/estimate", json={**sampled, "gradient": "parameter_shift", "gradient_options": {}})
-    naive_shots = naive.raise_for_status().json()["shots"]
+    naive = naive.raise_for_status().json()
     exact = {**base, "name": "qpa exact", "executor": "exact", "max_steps": steps}
     exact["training"] = {**base["training"], "eval_at_start": True}
     shots_needed = c.post("/v1/estimate", json=sampled).raise_for_status().json()["shots"]
@@ -131,12 +133,24 @@ def run_jobs(
         job = _follow(c, job, console)
         console.print(f"{job['state']}: {job['reason'] or ''} (Ray job qpeft-{job['id']}, for the operator)")
         if spec is sampled:
-            spent = job["shots"]["spent"]
+            spent, q = job["shots"]["spent"], job["shots"]
             console.print(
-                f"shots spent {spent:,} (shot-adaptive) against {naive_shots:,} forecast for plain parameter "
-                f"shift at {spec['shots']} shots per circuit: {naive_shots / max(spent, 1):.1f}x fewer"
+                f"shots spent {spent:,} (shot-adaptive) against {naive['shots']:,} forecast for plain parameter "
+                f"shift at {spec['shots']} shots per circuit: {naive['shots'] / max(spent, 1):.1f}x fewer"
             )
-            summary["frugal"] = {"spent": spent, "naive_forecast": naive_shots}
+            est = " (estimated: local mode reports no usage)" if q["qpu_seconds_estimated"] >= q["qpu_seconds"] else ""
+            console.print(
+                f"QPU time {q['qpu_seconds']:.1f} s{est}, ${q['cost_usd']:.2f} at ${_price(naive):.2f}/s; plain "
+                f"parameter shift's forecast: {naive['qpu_seconds']:.1f} s, ${naive['cost_usd']:.2f} "
+                f"({naive['jobs']} jobs of ~{naive['seconds_per_job']:.0f} s fixed time each dominate at this size)"
+            )
+            summary["frugal"] = {
+                "spent": spent,
+                "naive_forecast": naive["shots"],
+                "qpu_seconds": q["qpu_seconds"],
+                "cost_usd": q["cost_usd"],
+                "naive_qpu_seconds": naive["qpu_seconds"],
+            }
         _report(c, job, console, summary)
         jobs.append(job)
     b = c.get("/v1/budget").raise_for_status().json()["shots"]
@@ -162,6 +176,11 @@ def run_jobs(
     summary["sample"] = tok.decode(ids[0], skip_special_tokens=True)
     console.print(f"generated with transformers + peft from the job's LoRA: {summary['sample']!r}")
     return summary
+
+
+def _price(estimate: dict) -> float:
+    """The server's price per QPU second, as its estimate applied it."""
+    return estimate["cost_usd"] / estimate["qpu_seconds"] if estimate.get("qpu_seconds") else 0.0
 
 
 def _shots(n) -> str:

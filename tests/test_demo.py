@@ -23,7 +23,9 @@ def test_service_demo(monkeypatch):
     assert (aer_state, aer_steps, exact_state, exact_steps) == ("SUCCEEDED", 2, "SUCCEEDED", 2)
     assert 0 < aer_shots <= r["budget"]["limit"] and exact_shots == 0
     assert r["budget"]["spent"] == aer_shots and r["budget"]["reserved"] == 0
-    assert r["frugal"]["spent"] == aer_shots < r["frugal"]["naive_forecast"]  # shot-adaptive spent less
+    f = r["frugal"]
+    assert f["spent"] == aer_shots < f["naive_forecast"]  # shot-adaptive spent fewer shots than the naive forecast
+    assert f["qpu_seconds"] > 0 and f["cost_usd"] == pytest.approx(1.6 * f["qpu_seconds"])
     ppl = r["perplexity"]  # only the exact job evaluates before its first step too
     assert [s for s, _ in ppl[r["jobs"][0][0]]] == [2] and [s for s, _ in ppl[r["jobs"][1][0]]] == [0, 2]
     assert all(v > 1 for points in ppl.values() for _, v in points)

@@ -205,6 +205,61 @@ def test_aer_budget_exhausted_mid_run_keeps_last_checkpoint(corpus, tmp_path, mo
     assert set(r.artifacts) == {"adapter", "lora"}
 
 
+def sql_ledger(tmp_path, monkeypatch, job_key: str):
+    from services.contract.sql_ledger import SQLLedger
+    from services.control_plane.db import migrate
+
+    url = f"sqlite:///{tmp_path / 'qpeft.db'}"
+    migrate(url)
+    monkeypatch.setenv("QPEFT_DATABASE_URL", url)
+    monkeypatch.setenv("QPEFT_LEDGER_KEY", job_key)
+    return SQLLedger(url)
+
+
+@ray_test
+def test_qpu_seconds_forecast_matches_what_the_pool_commits(corpus, tmp_path, monkeypatch):
+    """A fake IBM device (local mode: nothing reports usage, so every share commits the time model's estimate,
+    marked as estimated): the forecast's QPU seconds are within 20% of the sum the pool commits."""
+    from services.control_plane.forecast import forecast
+
+    ledger = sql_ledger(tmp_path, monkeypatch, "job:q")
+    ledger.set_budget("acme", None)
+    ledger.set_budget("job:q", None, parent="acme")
+    spec = make_spec(
+        corpus, executor="fake-ibm:FakeManilaV2", shots=64, max_steps=3, scaling={"num_workers": 1}, training={}
+    )
+    fc = forecast(spec)
+    _, r = fit(spec, tmp_path, "qpu")
+    assert r.state == "SUCCEEDED", r.reason
+    job = ledger.account("job:q")
+    assert job.spent == r.pool_stats["shots"] == fc["shots"]
+    assert job.qpu_s_spent == pytest.approx(job.qpu_s_estimated) and job.qpu_s_spent > 0  # all estimated
+    assert abs(fc["qpu_seconds"] - job.qpu_s_spent) <= 0.2 * job.qpu_s_spent, (fc["qpu_seconds"], job.qpu_s_spent)
+
+
+@ray_test
+def test_qpu_seconds_budget_stops_a_running_job(corpus, tmp_path, monkeypatch):
+    """The tenant may spend 10 QPU seconds on a fake IBM device; a step costs ~6.4 s at first (forward and
+    gradient jobs, ~3 s fixed each), then ~3.3 s: the run stops BUDGET_EXHAUSTED on QPU time with its last
+    checkpoint, having spent no more than the limit."""
+    ledger = sql_ledger(tmp_path, monkeypatch, "job:t")
+    ledger.set_budget("acme", None, qpu_s=10.0)
+    ledger.set_budget("job:t", None, parent="acme")
+    spec = make_spec(
+        corpus,
+        executor="fake-ibm:FakeManilaV2",
+        shots=64,
+        max_steps=6,
+        scaling={"num_workers": 1},
+        training={"save_every": 1},
+    )
+    _, r = fit(spec, tmp_path, "qpu-budget")
+    assert r.state == "BUDGET_EXHAUSTED" and "QPU-time budget" in r.reason, r.reason
+    acme = ledger.account("acme")
+    assert 0 < acme.qpu_s_spent <= 10.0 and acme.qpu_s_reserved == 0
+    assert r.checkpoint is not None and int(Path(r.checkpoint).name.split("-")[1]) < 6
+
+
 class SilentLedger(InMemoryLedger):
     """A ledger that cannot say what is left (as when other jobs of the tenant spend at the same time), so the
     trainer cannot see the end coming and a reservation is refused inside a step."""

@@ -125,12 +125,15 @@ class QuantumPool(Executor):
         return True
 
     def _pick(self, avoid: int | None) -> int:
-        """The least busy live worker, other than `avoid` if there is one; waits while all are down."""
+        """The least busy live worker, other than `avoid` if there is one; waits while all are down. For one
+        device, the first live worker: its open Session or Batch keeps serving (a Session bills its wall time,
+        so a second one open on another worker would bill twice); the others stand by for its failure."""
         deadline = time.monotonic() + self.call_timeout_s
         while True:
             with self.lock:
                 turn, n = next(self.rotation), len(self.workers)
-                up = sorted((k for k in range(n) if self._is_up(k)), key=lambda k: (self.busy[k], (k - turn) % n))
+                live = [k for k in range(n) if self._is_up(k)]
+                up = live if self.one_device else sorted(live, key=lambda k: (self.busy[k], (k - turn) % n))  # noqa: B023
                 if up:
                     k = next((k for k in up if k != avoid), up[0])
                     self.busy[k] += 1

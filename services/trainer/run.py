@@ -91,12 +91,13 @@ class PoolService:
             "qpu_s": u.qpu_s if u.qpu_s is not None else u.qpu_s_estimated,
             "lost_shots": pool.get("lost_shots", 0),
             "failures": pool.get("failures", 0),
-            "remaining": self._remaining(),
+            "remaining": self._remaining("remaining"),
+            "qpu_s_remaining": self._remaining("qpu_s_remaining"),
         }
 
-    def _remaining(self):
+    def _remaining(self, what: str):
         try:
-            return self.ledger.remaining(self.key)
+            return getattr(self.ledger, what)(self.key)
         except KeyError:  # no account (yet) in the database: nothing to stop on; a reservation will say why
             return None
 

@@ -72,8 +72,8 @@ class RemoteExecutor(Executor):
         self.ansatz, self.name, self.exact, self.max_qubits = (
             info[k] for k in ("ansatz", "name", "exact", "max_qubits")
         )
-        self.since_check = 0  # shots run since the last stop vote (rank 0)
-        self.costliest = 0  # the most shots one step has taken so far
+        self.since_check = [0, 0.0]  # shots and QPU seconds run since the last stop vote (rank 0)
+        self.costliest = [0, 0.0]  # the most one step has taken so far
 
     def run(self, call: CircuitCall) -> ExecutionResult:
         size = call.circuits * self.ansatz.dim
@@ -87,7 +87,9 @@ class RemoteExecutor(Executor):
                 else:
                     probs, usage = out
                     buf[1:] = probs.detach().flatten().double()
-                    self.since_check += usage.shots
+                    seconds = usage.qpu_s if usage.qpu_s is not None else usage.qpu_s_estimated
+                    self.since_check[0] += usage.shots
+                    self.since_check[1] += seconds or 0.0
             except Exception as e:  # told to the other ranks below, then raised here too
                 buf[0], why = 2, f"quantum pool call failed: {type(e).__name__}: {e}"
             self.say.state("TRAINING")
@@ -101,14 +103,17 @@ class RemoteExecutor(Executor):
             raise RuntimeError(why or "rank 0's quantum pool call failed")
         return ExecutionResult(buf[1:].view(call.circuits, self.ansatz.dim), usage)
 
-    def out_of_budget(self, remaining) -> str | None:
-        """(Rank 0, after each step.) Why the next step may not be paid for, or None: the budget left is below
-        the costliest step so far (adaptive strategies and update periods make steps differ)."""
-        self.costliest, self.since_check = max(self.costliest, self.since_check), 0
-        need = self.costliest
-        if remaining is None or need == 0 or remaining >= need:
-            return None
-        return f"shot budget exhausted: {remaining} shots left, a step needs up to {need}"
+    def out_of_budget(self, remaining, qpu_s_remaining=None) -> str | None:
+        """(Rank 0, after each step.) Why the next step may not be paid for, or None: the shots or QPU seconds
+        left are below the costliest step so far (adaptive strategies and update periods make steps differ)."""
+        self.costliest = [max(a, b) for a, b in zip(self.costliest, self.since_check, strict=True)]
+        self.since_check = [0, 0.0]
+        shots, seconds = self.costliest
+        if remaining is not None and shots and remaining < shots:
+            return f"shot budget exhausted: {remaining} shots left, a step needs up to {shots}"
+        if qpu_s_remaining is not None and seconds and qpu_s_remaining < seconds:
+            return f"QPU-time budget exhausted: {qpu_s_remaining:.2f} s left, a step needs up to {seconds:.2f} s"
+        return None
 
 
 def build_model(spec: JobSpec, device):
@@ -263,7 +268,10 @@ def train_loop_per_worker(config: dict) -> None:
         )
 
     def should_stop() -> str | None:
-        return remote.out_of_budget(pool_stats().get("remaining")) if remote is not None and rank == 0 else None
+        if remote is None or rank != 0:
+            return None
+        stats = pool_stats()
+        return remote.out_of_budget(stats.get("remaining"), stats.get("qpu_s_remaining"))
 
     def after_step(step: int) -> None:
         if config.get("step_callback"):

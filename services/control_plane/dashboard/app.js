@@ -123,6 +123,18 @@ async function loadDatasets() {
   } catch (e) { /* no key yet */ }
 }
 
+// QPU seconds and their cost beside the shots; "estimated" where no provider reported the time.
+function qpuText(q) {
+  if (!q.qpu_seconds && q.qpu_seconds_forecast === null) return "-";
+  const est = q.qpu_seconds > 0 && q.qpu_seconds_estimated >= q.qpu_seconds ? " (estimated)" : "";
+  let t = `${q.qpu_seconds.toFixed(1)} s${est}, $${q.cost_usd.toFixed(2)}`;
+  if (q.qpu_seconds_forecast !== null) {
+    t += `; forecast ${q.qpu_seconds_forecast.toFixed(1)} s, $${(q.cost_usd_forecast ?? 0).toFixed(2)}`;
+  }
+  if (q.qpu_seconds_limit !== null) t += `; limit ${q.qpu_seconds_limit} s`;
+  return t;
+}
+
 async function loadBudget() {
   try {
     const b = await (await api("/v1/budget")).json();
@@ -195,6 +207,7 @@ function renderJobMeta() {
     ["step", `${j.step} / ${j.max_steps}`],
     ["shots", `${fmt(j.shots.spent)} spent, forecast ${fmt(j.shots.forecast)}` +
       (j.shots.limit !== null ? `, limit ${fmt(j.shots.limit)}` : "")],
+    ["QPU time", qpuText(j.shots)],
   ];
   for (const [k, v] of items) {
     const span = document.createElement("span");
