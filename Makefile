@@ -29,6 +29,7 @@ $(STAMP): pyproject.toml $(LOCK) requirements/no-deps.txt
 # uv resolves for the image's platform (Linux x86_64, CPython 3.11) whatever machine runs it.
 lock: $(STAMP)
 	$(PIP) install -q -c $(LOCK) uv
+	cp $(LOCK) $(LOCK).new  # uv keeps the pins it finds in its output file (unless --upgrade)
 	$(VENV)/bin/uv pip compile pyproject.toml requirements/pins.in --all-extras $(if $(UPGRADE),--upgrade) \
 	  --python-version 3.11 --python-platform x86_64-manylinux_2_28 --no-header --quiet \
 	  $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX),$(addprefix --find-links ,$(shell $(PIP) config get global.find-links 2>/dev/null))) \
