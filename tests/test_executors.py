@@ -240,3 +240,29 @@ def test_qnn_trains_on_fake_ibm():
         opt.step()
     assert exact_loss() < before - 0.2
     assert qnn.usage.shots == 6 * (1 + 2 * ansatz.n_params) * 2000 and len(qnn.usage.job_ids) == 12
+
+
+def test_dry_run_timing_fits_ibm_estimates():
+    """IBM's dry-run estimates fitted into the time model. The IBM cloud is mocked (a sampler whose dry runs
+    answer quantum_seconds = 2.5 s per job + 300 us per shot), as the only thing these tests mock."""
+    from types import SimpleNamespace
+
+    asked = []
+
+    def run(pubs, shots, dry_run):
+        ((_, values),) = pubs
+        asked.append((values.shape[0], shots, dry_run))
+        return SimpleNamespace(usage_estimation={"quantum_seconds": 2.5 + values.shape[0] * shots * 3e-4})
+
+    ansatz = qpa_ansatz(3, 2)
+    cloud = SimpleNamespace(local=False, ansatz=ansatz, _isa=None, _sampler=lambda: SimpleNamespace(run=run))
+    timing = qb.dry_run_timing(cloud, 2 * ansatz.n_params, 1024)
+    assert timing.per_job_s == pytest.approx(2.5) and timing.per_shot_s == pytest.approx(3e-4)
+    assert asked == [(1, 1024, True), (12, 1024, True)]  # dry runs only: nothing executed
+
+    def unsupported(pubs, shots, dry_run):
+        raise TypeError("this service has no dry run")
+
+    cloud._sampler = lambda: SimpleNamespace(run=unsupported)
+    assert qb.dry_run_timing(cloud, 12, 1024) is None  # the caller keeps the device's own model
+    assert qb.dry_run_timing(SimpleNamespace(local=True), 12, 1024) is None  # local mode has no estimates

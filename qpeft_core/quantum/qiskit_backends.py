@@ -477,6 +477,30 @@ class IBMRuntimeBackend(Executor):
         return ExecutionResult(_bitarray_freqs(bits, self.ansatz.n_qubits), usage)
 
 
+def dry_run_timing(backend: IBMRuntimeBackend, circuits: int, shots: int) -> QPUTime | None:
+    """The time model fitted to IBM's own estimate: two dry runs (Sampler.run(dry_run=True), qiskit-ibm-runtime
+    >= 0.50; nothing executes on the QPU) of 1 and `circuits` parameter sets at `shots`, whose estimated quantum
+    seconds give the fixed time per job and the time per shot. None where the service offers no dry run or no
+    estimate (local mode, older plans): the caller keeps the device model of timing.py."""
+    if backend.local or circuits < 2:
+        return None
+    times = []
+    for n in (1, circuits):
+        values = np.zeros((n, backend.ansatz.n_params))
+        try:
+            job = backend._sampler().run([(backend._isa, values)], shots=shots, dry_run=True)
+            seconds = (job.usage_estimation or {}).get("quantum_seconds")
+        except Exception:  # an estimate is a nicety: a service that cannot give one must not fail the forecast
+            return None
+        if seconds is None:
+            return None
+        times.append(float(seconds))
+    per_shot = (times[1] - times[0]) / ((circuits - 1) * shots)
+    if per_shot <= 0:
+        return None
+    return QPUTime(per_shot_s=per_shot, per_circuit_s=0.0, per_job_s=max(0.0, times[0] - shots * per_shot))
+
+
 def _reported_seconds(job) -> float | None:
     try:
         return float(job.usage())

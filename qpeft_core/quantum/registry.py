@@ -198,6 +198,15 @@ def _device_time(device, ansatz: Ansatz) -> QPUTime | None:
     return device_timing(device.name, _qb().ansatz_seconds_per_shot(ansatz, device))
 
 
+def _ibm_time(arg: str, ansatz: Ansatz) -> QPUTime | None:
+    """IBM's own estimate where the service gives one (two dry runs, nothing executed), else the device's
+    model from its timings (timing.py). The dry runs are sized as a QPA gradient call: 2P circuits, 1,024 shots."""
+    device = _ibm_device(arg)
+    model = _device_time(device, ansatz)
+    fitted = _qb().dry_run_timing(_qb().IBMRuntimeBackend(ansatz, device), 2 * ansatz.n_params, 1024)
+    return fitted or model
+
+
 def _listing(prefix: str, kind: str):
     def listing() -> list[dict]:
         if prefix == "ibm":
@@ -269,7 +278,7 @@ register_executor(
         needs_shots=True,
         worker_group="qpu_ibm",
         check=_check_ibm,
-        qpu_time=lambda arg, ansatz: _device_time(_ibm_device(arg), ansatz),
+        qpu_time=lambda arg, ansatz: _ibm_time(arg, ansatz),
         one_device=True,
         listing=_listing("ibm", "ibm"),
     )

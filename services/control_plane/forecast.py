@@ -137,14 +137,17 @@ def forecast(spec: JobSpec, usd_per_qpu_second: float | None = None) -> dict:
     params = n_qubits * depth
     options = spec.gradient_options if gradient == spec.gradient else {}
     grad_circuits = build_strategy(gradient, options).circuits(params)
-    # The trainer takes one gradient call per update (dL/dp accumulated over micro-batches and, with
-    # quantum_update_every = k, over k steps), after warm_start_steps on the exact simulator. The angles are
-    # measured once per angle set: at the start and after each update, less the first update of the default
-    # mapping when k = 1 and no warm start (its gate starts at 0, so step 1 leaves the angles where they were).
+    # The trainer takes one gradient call per update: at step indices i = k j - 1 (quantum_update_every = k), on
+    # the executor once i >= warm_start_steps. Each update moves the angles, which the next step's forward (or
+    # the final checkpoint) measures, on the executor once that step is past the warm start; the very first
+    # update of the default mapping with k = 1 does not move them (its gate starts at 0, so dL/dp = 0). The
+    # initial angles are measured on the executor only without a warm start.
     k, warm = cfg.quantum_update_every, cfg.warm_start_steps
+    periods = steps // k
+    updates = max(0, periods - math.ceil((warm + 1) / k) + 1)
+    first = max(1, math.ceil(warm / k))
+    forwards = max(0, periods - first + 1) - (1 if k == 1 and first == 1 and periods else 0) + (1 if warm == 0 else 0)
     quantum_steps = max(0, steps - warm)
-    updates = quantum_steps // k
-    forwards = 0 if quantum_steps == 0 else updates + (0 if (k == 1 and warm == 0) else 1)
     shots = spec.shots or 0
     per_step_circuits = 1 + grad_circuits
     circuits = forwards + updates * grad_circuits
