@@ -139,6 +139,8 @@ def test_quantum_workers_run_on_the_second_host(hosts, tmp_path):
             "dataset": {"train": str(data), "max_length": 32, "eval_limit": 8},
             "method": "qpa",
             "method_config": {"r": 2, "n_mlp": 64, "qnn_depth": 2, "mapping_widths": [16, 16]},
+            # exact circuits on the pool ("auto" would pick autograd, in the trainer's own process)
+            "gradient": "parameter_shift",
             "max_steps": 2,
             "training": {"batch_size": 4, "eval_max_batches": 1},
         }
