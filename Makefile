@@ -26,12 +26,15 @@ $(STAMP): pyproject.toml $(LOCK) requirements/no-deps.txt
 
 # Re-resolve the lock from pyproject.toml and requirements/pins.in: after a dependency changes, keeping every
 # other pin; `make lock UPGRADE=1` moves everything to the newest releases that resolve. Then `make test`.
-# uv resolves for the image's platform (Linux x86_64, CPython 3.11) whatever machine runs it.
+# uv resolves for the image's platform whatever machine runs it: Linux x86_64, CPython 3.11, glibc 2.36 (Debian
+# 12 bookworm: these machines' `ldd --version` and the image's base), wheels only (--no-build), so installing
+# never compiles. With an older glibc tag a wheel built for a newer one (mthree 3.0.0: manylinux_2_34 only) is
+# invisible and uv quietly resolves to its sdist, which pip would then build from C++ sources.
 lock: $(STAMP)
 	$(PIP) install -q -c $(LOCK) uv
 	cp $(LOCK) $(LOCK).new  # uv keeps the pins it finds in its output file (unless --upgrade)
 	$(VENV)/bin/uv pip compile pyproject.toml requirements/pins.in --all-extras $(if $(UPGRADE),--upgrade) \
-	  --python-version 3.11 --python-platform x86_64-manylinux_2_28 --no-header --quiet \
+	  --python-version 3.11 --python-platform x86_64-manylinux_2_36 --no-build --no-header --quiet \
 	  $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX),$(addprefix --find-links ,$(shell $(PIP) config get global.find-links 2>/dev/null))) \
 	  -o $(LOCK).new
 	{ echo '# The resolved environment: every version make test, make demo, make bench and the image install.'; \

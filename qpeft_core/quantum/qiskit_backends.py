@@ -18,6 +18,7 @@ import torch
 
 from .ansatz import Ansatz, to_qiskit
 from .backend import CircuitCall, ExecutionResult, Executor, Usage, check_qubits
+from .mitigation import ReadoutMitigator, check_readout_mitigation
 from .timing import QPUTime, device_timing
 
 AER_MAX_QUBITS = 28  # the dense [B, 2^n] result stops being practical well before Aer's own limit
@@ -227,21 +228,49 @@ def _estimate(timing: QPUTime | None, circuits: int, shots: int) -> float | None
     return None if timing is None else timing.seconds(circuits, shots)
 
 
+def _measured_qubits(circuit, n: int) -> list[int]:
+    """The qubit last measured into each of the circuit's n classical bits, in bit order. (mthree's
+    final_measurement_mapping does the same through CircuitInstruction iteration, deprecated since Qiskit 1.2.)"""
+    read = {}
+    for inst in circuit.data:
+        if inst.operation.name == "measure":
+            read[circuit.find_bit(inst.clbits[0]).index] = circuit.find_bit(inst.qubits[0]).index
+    return [read[c] for c in range(n)]
+
+
+def _with_calibration(usage: Usage, calibration: Usage | None) -> Usage:
+    """A call's Usage with the readout calibration that ran for it, if one did (its shots cost the same)."""
+    return usage if calibration is None else usage + calibration
+
+
 # ---------------------------------------------------------------- executors
 
 
 class AerSamplerBackend(Executor):
     """Shots on Aer: ideal, or on a device (fake name or BackendV2) with that device's noise restricted to
     the physical qubits the transpiled circuit uses (noise=False keeps the device's layout and basis only).
+    readout_mitigation="mthree" corrects the counts (see mitigation.py); its calibration, on the same noisy
+    simulator, runs on the first call and is counted in that call's Usage.
     """
 
     exact = False
 
-    def __init__(self, ansatz: Ansatz, device=None, noise: bool = True, seed: int | None = 0, optimization_level=1):
+    def __init__(
+        self,
+        ansatz: Ansatz,
+        device=None,
+        noise: bool = True,
+        seed: int | None = 0,
+        optimization_level=1,
+        readout_mitigation: str | None = None,
+        readout_calibration_shots: int | None = None,
+    ):
         from qiskit_aer import AerSimulator
 
+        check_readout_mitigation(readout_mitigation, readout_calibration_shots)
         self.ansatz = ansatz
         circuit, self._theta = to_qiskit(ansatz, measure=True)
+        noise_model, physical = None, None
         if device is None:
             self.max_qubits, self.name, self.device = AER_MAX_QUBITS, "aer-sampler", None
             check_qubits(ansatz, self.max_qubits, "the Aer simulator")
@@ -252,13 +281,23 @@ class AerSamplerBackend(Executor):
             self.name = f"aer-noisy:{device.name}" if noise else f"aer:{device.name}"
             check_qubits(ansatz, self.max_qubits, f"device {device.name}")
             isa = _transpile(circuit, device, seed, optimization_level)
-            qubits = _active_qubits(isa)
-            self._circuit = _compact(isa, qubits)
-            self._sim = _noisy_simulator(device_noise_model(device, qubits), len(qubits)) if noise else AerSimulator()
+            physical = _active_qubits(isa)
+            self._circuit = _compact(isa, physical)
+            noise_model = device_noise_model(device, physical) if noise else None
+            self._sim = _noisy_simulator(noise_model, len(physical)) if noise else AerSimulator()
         self._rng = _seeds(seed)
+        self._mitigator = None
+        if readout_mitigation not in (None, "none"):
+            # the circuit runs on qubits 0..k-1 of the simulator; measured[c] is the one read into bit c
+            measured = _measured_qubits(self._circuit, ansatz.n_qubits)
+            system = _noisy_simulator(noise_model, len(physical)) if noise_model is not None else AerSimulator()
+            system.set_options(seed_simulator=_next_seed(self._rng))
+            # a simulator: no QPU time, for the calibration as for the circuits
+            self._mitigator = ReadoutMitigator(self.name, system, measured, readout_calibration_shots)
 
     def run(self, call: CircuitCall) -> ExecutionResult:
         thetas, shots, _ = call
+        calibration = self._mitigator.calibrate() if self._mitigator is not None else None
         t0 = time.perf_counter()
         values = _values(thetas)
         job = self._sim.run(
@@ -270,6 +309,8 @@ class AerSamplerBackend(Executor):
         result = job.result()
         counts = [result.results[i].data.counts for i in range(len(values))]
         probs = _count_freqs(counts, self.ansatz.n_qubits, shots)
+        if self._mitigator is not None:
+            probs = self._mitigator.correct(probs, shots)
         usage = Usage(
             self.name,
             circuits=len(values),
@@ -277,7 +318,7 @@ class AerSamplerBackend(Executor):
             wall_s=time.perf_counter() - t0,
             job_ids=[job.job_id()],
         )
-        return ExecutionResult(probs, usage)
+        return ExecutionResult(probs, _with_calibration(usage, calibration))
 
 
 class AerStatevectorBackend(Executor):
@@ -398,12 +439,15 @@ class IBMRuntimeBackend(Executor):
         noise: bool = True,
         sampler_options: dict | None = None,
         service_options: dict | None = None,
+        readout_mitigation: str | None = None,
+        readout_calibration_shots: int | None = None,
     ):
         from qiskit_aer import AerSimulator
         from qiskit_ibm_runtime import IBMBackend
 
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        check_readout_mitigation(readout_mitigation, readout_calibration_shots)
         if isinstance(backend, str):
             is_fake = backend.strip().lower().startswith("fake")
             backend = fake_device(backend) if is_fake else ibm_service(**(service_options or {})).backend(backend)
@@ -422,6 +466,20 @@ class IBMRuntimeBackend(Executor):
             self._target = _noisy_simulator(noise_model, len(qubits)) if noise else AerSimulator()
         self._rng = _seeds(seed)
         self._context = None  # the open Session or Batch
+        self._mitigator = None
+        if readout_mitigation not in (None, "none"):
+            physical = _measured_qubits(self._isa, ansatz.n_qubits)
+            if self.local:
+                # calibrated on the same noise, restricted to the qubits in use and compacted to 0..k-1 (the
+                # device's own indices can exceed what a local simulator holds)
+                system = _noisy_simulator(device_noise_model(backend, qubits), len(qubits)) if noise else AerSimulator()
+                system.set_options(seed_simulator=_next_seed(self._rng))
+                measured = [qubits.index(q) for q in physical]
+            else:
+                system, measured = backend, physical
+            self._mitigator = ReadoutMitigator(
+                self.name, system, measured, readout_calibration_shots, backend, physical, reports_qpu_s=not self.local
+            )
 
     def _mode(self):
         from qiskit_ibm_runtime import Batch, Session
@@ -460,11 +518,17 @@ class IBMRuntimeBackend(Executor):
 
     def run(self, call: CircuitCall) -> ExecutionResult:
         thetas, shots, _ = call
+        calibration = None
+        if self._mitigator is not None:
+            calibration = self._mitigator.calibrate(None if self.mode == "job" or self.local else self._mode())
         t0 = time.perf_counter()
         values = _values(thetas)
         job = self._sampler().run([(self._isa, values)], shots=shots)
         bits = job.result()[0].data.meas
         total = len(values) * bits.num_shots
+        probs = _bitarray_freqs(bits, self.ansatz.n_qubits)
+        if self._mitigator is not None:
+            probs = self._mitigator.correct(probs, bits.num_shots)
         usage = Usage(
             self.name,
             circuits=len(values),
@@ -474,7 +538,7 @@ class IBMRuntimeBackend(Executor):
             qpu_s_estimated=_estimate(self.qpu_time, len(values), total),
             job_ids=[job.job_id()],
         )
-        return ExecutionResult(_bitarray_freqs(bits, self.ansatz.n_qubits), usage)
+        return ExecutionResult(probs, _with_calibration(usage, calibration))
 
 
 def dry_run_timing(backend: IBMRuntimeBackend, circuits: int, shots: int) -> QPUTime | None:

@@ -6,6 +6,9 @@ aer-noisy:<fake device>  Aer sampler with the fake device's noise (options: nois
 ibm:<backend name>       a real IBM QPU through IBM Runtime; needs an account (options: mode, ...)
 fake-ibm:<fake device>   IBM Runtime in local testing mode on a fake device (options: mode, noise, ...)
 
+The last three also take readout_mitigation ("mthree"; default off) and readout_calibration_shots
+(mitigation.py); `check_executor_options` refuses those for the kinds that have no readout error.
+
 `ExecutorSpec.parse(text)` is what the JobSpec, the quantum pool and the forecast read: whether the kind
 needs shots, which worker group runs it, how many qubits it has, its billed QPU time (timing.QPUTime),
 whether it is one device (calls sent whole), and how to build it.
@@ -26,6 +29,7 @@ from dataclasses import dataclass
 
 from .ansatz import Ansatz
 from .backend import QuantumBackend, TorchBackend
+from .mitigation import READOUT_MITIGATIONS, check_readout_mitigation
 from .timing import QPUTime, device_timing
 
 log = logging.getLogger(__name__)
@@ -53,6 +57,7 @@ class ExecutorKind:
     # workers would add a job's fixed cost per share and gain no parallelism
     one_device: bool = False
     listing: Callable[[], list[dict]] | None = None  # the specs of this kind available here
+    readout_mitigation: bool = False  # takes the readout_mitigation option (counts with readout error)
 
     @property
     def form(self) -> str:
@@ -140,6 +145,26 @@ class ExecutorSpec:
 
     def build(self, ansatz: Ansatz, **options) -> QuantumBackend:
         return self.kind.build(ansatz, self.arg, **options)
+
+
+READOUT_OPTIONS = ("readout_mitigation", "readout_calibration_shots")
+
+
+def check_executor_options(spec: str, options: dict) -> None:
+    """ValueError, naming the option, for readout-mitigation options the executor cannot take or values it does
+    not know. Other options are the executor constructor's to check; a spec is parsed only when readout
+    options are given (parsing a fake device's spec imports Qiskit)."""
+    given = [k for k in READOUT_OPTIONS if k in options]
+    if not given:
+        return
+    kind = ExecutorSpec.parse(spec).kind
+    if not kind.readout_mitigation:
+        takers = ", ".join(k.form for k in KINDS.values() if k.readout_mitigation)
+        raise ValueError(
+            f"executor_options {given}: executor {spec!r} has no readout error to mitigate; "
+            f"readout_mitigation ({', '.join(READOUT_MITIGATIONS)}) is for the shot-based devices: {takers}"
+        )
+    check_readout_mitigation(options.get("readout_mitigation"), options.get("readout_calibration_shots"))
 
 
 def make_backend(spec: str, ansatz: Ansatz, **options) -> QuantumBackend:
@@ -255,6 +280,7 @@ register_executor(
         check=_check_fake,
         qubits=lambda arg: _qb().fake_device_qubits(arg),
         listing=_listing("aer-noisy", "fake"),
+        readout_mitigation=True,
     )
 )
 register_executor(
@@ -268,6 +294,7 @@ register_executor(
         qpu_time=lambda arg, ansatz: _device_time(_fake(arg), ansatz),
         one_device=True,
         listing=_listing("fake-ibm", "fake"),
+        readout_mitigation=True,
     )
 )
 register_executor(
@@ -281,5 +308,6 @@ register_executor(
         qpu_time=lambda arg, ansatz: _ibm_time(arg, ansatz),
         one_device=True,
         listing=_listing("ibm", "ibm"),
+        readout_mitigation=True,
     )
 )

@@ -206,6 +206,7 @@ FIXES = {
     "resolved": "remove it: the server fills it in",
     "executor": "use an executor listed by GET /v1/backends",
     "secret_in_spec": "remove the credential; configure the IBM account on the cluster",
+    "executor_options": "readout_mitigation 'mthree' with an aer-noisy:, fake-ibm: or ibm: executor, or remove it",
     "shots": "set shots (e.g. 1024) or use executor 'exact'",
     "gradient": "use 'parameter_shift', 'spsa' or 'shot_adaptive', or the exact executor without shots",
     "gradient_options": "use the options the strategy lists, with numbers",
@@ -524,12 +525,16 @@ class JobSpec(_Model):
 
     @model_validator(mode="after")
     def _consistent(self):
-        from qpeft_core.quantum.registry import ExecutorSpec
+        from qpeft_core.quantum.registry import ExecutorSpec, check_executor_options
 
         if not runs_circuits(self.method) and self.executor != "exact":
             raise _err(
                 "executor", f"executor: method {self.method!r} runs classically; use executor 'exact' (or method 'qpa')"
             )
+        try:
+            check_executor_options(self.executor, self.executor_options)
+        except ValueError as e:
+            raise _err("executor_options", str(e)) from None
         if ExecutorSpec.parse(self.executor).needs_shots and self.shots is None:
             raise _err("shots", f"shots: executor {self.executor!r} samples circuits; set shots, e.g. 1024")
         if self.gradient == "shot_adaptive" and self.shots is None:

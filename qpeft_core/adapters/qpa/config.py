@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from ...quantum.registry import check_executor_options
 from ..config import AdapterConfig
 
 ACTIVATIONS = ("gelu", "relu", "silu", "tanh", "none")
@@ -40,7 +41,8 @@ class QPAConfig(AdapterConfig):
         "triples" adds the products of every three too;
         "random" re-draws the bits every call, as the reference code does.
     gamma, beta, alpha: post-processing p~ = (beta tanh(gamma 2^(N-1) p))^alpha - mean.
-    executor, executor_options: where circuits run, a spec for qpeft_core.quantum.registry.make_backend.
+    executor, executor_options: where circuits run, a spec for qpeft_core.quantum.registry.make_backend, and
+        its options; e.g. {"readout_mitigation": "mthree"} for aer-noisy:, fake-ibm: and ibm: executors.
     gradient, shots: the gradient strategy ("auto": autograd when exact, else parameter-shift); None = exact.
         "shot_adaptive" (parameter shift with shots per angle from the estimated noise, up to `shots`) and
         "spsa" (with `samples` averaged and a decaying perturbation) are the shot-frugal ones.
@@ -126,6 +128,9 @@ class QPAConfig(AdapterConfig):
             isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in self.mapping_widths
         ):
             raise ValueError(f"QPAConfig.mapping_widths must be None or positive ints, got {self.mapping_widths}")
+        if not isinstance(self.executor_options, dict):
+            raise ValueError(f"QPAConfig.executor_options must be a dict, got {self.executor_options!r}")
+        check_executor_options(self.executor, self.executor_options)
         b = self.param_budget
         if isinstance(b, bool) or not isinstance(b, int | float) or not 0 < b <= 10:
             raise ValueError(f"QPAConfig.param_budget must be a fraction of LoRA's count in (0, 10], got {b!r}")
