@@ -15,7 +15,8 @@ from qpeft_core.quantum import qiskit_backends as qb  # noqa: E402
 from qpeft_core.quantum.ansatz import qpa_ansatz  # noqa: E402
 from qpeft_core.quantum.backend import TorchBackend  # noqa: E402
 from qpeft_core.quantum.registry import make_backend  # noqa: E402
-from services.jobspec import JobSpec  # noqa: E402
+from qpeft_core.quantum.timing import PER_JOB_S  # noqa: E402
+from services.contract.jobspec import JobSpec  # noqa: E402
 
 # FakeYorktownV2's calibration data: readout errors up to 9% (P(1|0)) and 50% (P(0|1)) on its five qubits
 DEVICE = "FakeYorktownV2"
@@ -59,7 +60,11 @@ def test_calibration_runs_once_and_is_charged_in_usage(kind):
     assert calibration.shots >= 2 * 1000 and calibration.circuits >= 2
     assert (first.shots, first.circuits) == (2 * 500 + calibration.shots, 2 + calibration.circuits)
     assert set(calibration.job_ids) < set(first.job_ids)
-    assert first.qpu_s_estimated > plain.qpu_s_estimated > 0
+    if kind == "fake-ibm":  # a device's time model: the calibration is one more job (timing.py)
+        assert calibration.qpu_s_estimated > PER_JOB_S
+        assert first.qpu_s_estimated == pytest.approx(plain.qpu_s_estimated + calibration.qpu_s_estimated)
+    else:  # Aer is a simulator: no QPU time, calibration included
+        assert first.qpu_s_estimated is plain.qpu_s_estimated is calibration.qpu_s_estimated is None
     second = executor.probabilities(thetas, 500).usage
     assert (second.shots, second.circuits, second.qpu_s_estimated) == (plain.shots, 2, plain.qpu_s_estimated)
     # the three measured qubits were calibrated, and nothing else
