@@ -108,7 +108,6 @@ def main():
                     "tvd_final": tvd,
                     "shots": usage.shots,
                     "circuits": usage.circuits,
-                    "qpu_s_est": usage.qpu_s_estimated or 0.0,
                     "wall_s": time.perf_counter() - t0,
                 }
             )
@@ -129,7 +128,7 @@ def main():
         for run, rs in summary.items()
     }
     columns = ["run", "seed", "executor", "qubits", "ppl", "loss_last", "tvd_final", "shots", "circuits"]
-    per_seed = table(rows, [*columns, "qpu_s_est", "wall_s"])
+    per_seed = table(rows, [*columns, "wall_s"])
     mean_rows = [
         {
             "run": run,
