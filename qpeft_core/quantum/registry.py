@@ -161,7 +161,7 @@ def check_executor_options(spec: str, options: dict) -> None:
     if not parsed.kind.readout_mitigation:
         takers = ", ".join(k.form for k in KINDS.values() if k.readout_mitigation)
         raise ValueError(
-            f"executor_options {given}: executor {parsed.text!r} has no readout error to mitigate; "
+            f"{', '.join(given)} given, but executor {parsed.text!r} has no readout error to mitigate; "
             f"readout_mitigation ({', '.join(READOUT_MITIGATIONS)}) is for the shot-based devices: {takers}"
         )
     check_readout_mitigation(options.get("readout_mitigation"), options.get("readout_calibration_shots"))

@@ -534,7 +534,7 @@ class JobSpec(_Model):
         try:
             check_executor_options(self.executor, self.executor_options)
         except ValueError as e:
-            raise _err("executor_options", str(e)) from None
+            raise _err("executor_options", f"executor_options: {e}") from None
         if ExecutorSpec.parse(self.executor).needs_shots and self.shots is None:
             raise _err("shots", f"shots: executor {self.executor!r} samples circuits; set shots, e.g. 1024")
         if self.gradient == "shot_adaptive" and self.shots is None:
