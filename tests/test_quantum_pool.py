@@ -198,3 +198,26 @@ def test_budget_exhaustion_and_concurrent_calls_never_overspend():
         assert not errors and acc.reserved == 0 and acc.lost == 0
         assert acc.spent == 1600 + sum(got) <= 10_000 and acc.remaining == 10_000 - acc.spent >= 0
         assert acc.remaining < 500  # it ran until the budget could not take one more call
+
+
+@ray_test
+def test_pool_charges_each_workers_readout_calibration():
+    """A readout-mitigated executor calibrates once per worker before its first call: the pool reserves and
+    commits those shots like any circuit's (3 qubits: mthree's balanced method runs 4 circuits of
+    2 x 1000 / 4 shots, 2,000 in all), and a budget that cannot pay for them refuses the call first."""
+    ansatz = qpa_ansatz(3, 1)
+    opts = {"readout_mitigation": "mthree", "readout_calibration_shots": 1000}
+    led = InMemoryLedger({"t": 10**7, "poor": 1000})
+    x = torch.rand(2, ansatz.n_params, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    with QuantumPool("aer-noisy:FakeManilaV2", ansatz, n_workers=2, options=opts, ledger=led, key="t") as pool:
+        probs, usage = pool.probabilities(x, shots=200)
+        assert usage.shots == 400 and torch.allclose(probs.sum(1), torch.ones(2, dtype=probs.dtype))
+        assert led.account("t").spent == 400 + 2 * 2000  # both workers calibrated, each charged
+        pool.probabilities(x, shots=200)
+        acc = led.account("t")
+        assert (acc.spent, acc.reserved) == (800 + 2 * 2000, 0)  # calibrated once per worker
+    with QuantumPool("aer-noisy:FakeManilaV2", ansatz, n_workers=1, options=opts, ledger=led, key="poor") as pool:
+        with pytest.raises(BudgetExhausted):
+            pool.probabilities(x, shots=200)
+        acc = led.account("poor")
+        assert (acc.spent, acc.lost, acc.reserved) == (0, 0, 0)  # refused before anything ran

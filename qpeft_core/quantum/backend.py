@@ -103,6 +103,15 @@ class Executor:
     def run(self, call: CircuitCall) -> ExecutionResult:
         raise NotImplementedError
 
+    def prepare_cost(self) -> tuple[int, float]:
+        """(shots, estimated QPU seconds) of one-time work still to do before the first call (a readout
+        calibration), so a ledger can reserve it; (0, 0.0) when there is none (left)."""
+        return 0, 0.0
+
+    def prepare(self) -> Usage | None:
+        """Do that work now (else the first call does it); what it cost, or None if there was nothing to do."""
+        return None
+
     def probabilities(self, thetas, shots: int | None = None) -> ExecutionResult:
         return self.run(check_call(self, thetas, shots))
 

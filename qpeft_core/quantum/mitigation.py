@@ -75,6 +75,18 @@ class ReadoutMitigator:
         self._reports_qpu_s = reports_qpu_s
         self.calibration: Usage | None = None  # what the calibration cost, once it ran
 
+    def cost(self) -> tuple[int, float]:
+        """(shots, estimated QPU seconds) the calibration will take, known before it runs (a ledger reserves
+        them first): mthree's balanced method runs L circuits (L from its Hadamard generator for the qubit
+        count) of ceil(2 x shots / L) shots each, in one job. (0, 0.0) once it has run."""
+        if self.calibration is not None:
+            return 0, 0.0
+        from mthree.generators import HadamardGenerator
+
+        length = HadamardGenerator(len(self.qubits)).length
+        shots = length * -(-2 * self.shots // length)
+        return shots, 0.0 if self._timing is None else self._timing.seconds(length, shots)
+
     def calibrate(self, runtime_mode=None) -> Usage | None:
         """Run the calibration if it has not run yet (in `runtime_mode`, an open Runtime Session or Batch, on
         IBM hardware); its Usage then, None on later calls."""

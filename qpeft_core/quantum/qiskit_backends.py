@@ -295,6 +295,12 @@ class AerSamplerBackend(Executor):
             # a simulator: no QPU time, for the calibration as for the circuits
             self._mitigator = ReadoutMitigator(self.name, system, measured, readout_calibration_shots)
 
+    def prepare_cost(self) -> tuple[int, float]:
+        return self._mitigator.cost() if self._mitigator is not None else (0, 0.0)
+
+    def prepare(self) -> Usage | None:
+        return self._mitigator.calibrate() if self._mitigator is not None else None
+
     def run(self, call: CircuitCall) -> ExecutionResult:
         thetas, shots, _ = call
         calibration = self._mitigator.calibrate() if self._mitigator is not None else None
@@ -516,11 +522,17 @@ class IBMRuntimeBackend(Executor):
             sampler.options.simulator.angle_decimals = 12
         return sampler
 
+    def prepare_cost(self) -> tuple[int, float]:
+        return self._mitigator.cost() if self._mitigator is not None else (0, 0.0)
+
+    def prepare(self) -> Usage | None:
+        if self._mitigator is None:
+            return None
+        return self._mitigator.calibrate(None if self.mode == "job" or self.local else self._mode())
+
     def run(self, call: CircuitCall) -> ExecutionResult:
         thetas, shots, _ = call
-        calibration = None
-        if self._mitigator is not None:
-            calibration = self._mitigator.calibrate(None if self.mode == "job" or self.local else self._mode())
+        calibration = self.prepare()
         t0 = time.perf_counter()
         values = _values(thetas)
         job = self._sampler().run([(self._isa, values)], shots=shots)

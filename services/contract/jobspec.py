@@ -51,6 +51,8 @@ from pydantic_core import PydanticCustomError
 from qpeft_core.adapters import METHODS as ADAPTER_METHODS
 from qpeft_core.adapters.config import lookup_method
 
+POOL_WORKERS = 2  # quantum workers a job's pool starts (the trainer's --pool-workers default); the forecast's too
+
 # the registered adapter methods (qpeft_core.adapters.METHODS: a new method registers there) and HF PEFT's LoRA
 METHODS = (*ADAPTER_METHODS, "lora")
 TASKS = ("causal_lm", "seq_cls")

@@ -16,8 +16,9 @@ import json
 import math
 
 from qpeft_core.quantum.gradients import build_strategy, resolve_gradient
+from qpeft_core.quantum.mitigation import DEFAULT_CALIBRATION_SHOTS
 from qpeft_core.quantum.registry import ExecutorSpec
-from services.contract.jobspec import JobSpec, runs_circuits
+from services.contract.jobspec import POOL_WORKERS, JobSpec, runs_circuits
 
 from .errors import ApiError
 
@@ -152,13 +153,25 @@ def forecast(spec: JobSpec, usd_per_qpu_second: float | None = None) -> dict:
     per_step_circuits = 1 + grad_circuits
     circuits = forwards + updates * grad_circuits
     total = circuits * shots
+    # A readout-mitigated executor calibrates once per quantum worker that serves it (one for a device, whose
+    # calls stick to one worker; every worker of a simulator pool): mthree's balanced method, L circuits of
+    # ceil(2 x calibration shots / L) shots, one job each (qpeft_core/quantum/mitigation.py).
+    cal_workers, cal_circuits, cal_shots = 0, 0, 0
+    if spec.executor_options.get("readout_mitigation") not in (None, "none"):
+        from mthree.generators import HadamardGenerator
+
+        length = HadamardGenerator(n_qubits).length
+        per = spec.executor_options.get("readout_calibration_shots") or DEFAULT_CALIBRATION_SHOTS
+        cal_workers = 1 if ExecutorSpec.parse(spec.executor).one_device else POOL_WORKERS
+        cal_circuits, cal_shots = cal_workers * length, cal_workers * length * -(-2 * per // length)
+    circuits, total = circuits + cal_circuits, total + cal_shots
     # Executor calls, each one Runtime job: a forward, and per update one gradient call (shot_adaptive: one per
     # shot count it picks, at most one per power of two between min_shots and shots, or per angle).
     jobs_per_update = 1
     if gradient == "shot_adaptive" and shots:
         low = min(build_strategy(gradient, options).min_shots, shots)
         jobs_per_update = min(params, 1 + math.ceil(math.log2(shots / low)))
-    jobs = forwards + updates * jobs_per_update
+    jobs = forwards + updates * jobs_per_update + cal_workers
     base["jobs"] = jobs
     if ExecutorSpec.parse(spec.executor).kind.qpu_time is not None:
         try:
@@ -194,7 +207,9 @@ def forecast(spec: JobSpec, usd_per_qpu_second: float | None = None) -> dict:
     )
     formula = (
         f"shots = (forwards + updates x G) x shots_per_circuit = ({forwards} + {updates} x {grad_circuits}) x "
-        f"{shots} = {total}"
+        f"{shots}"
+        + (f" + {cal_shots} readout calibration ({cal_workers} worker(s))" if cal_shots else "")
+        + f" = {total}"
     )
     return {
         **base,

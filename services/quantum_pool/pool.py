@@ -96,11 +96,13 @@ class QuantumPool(Executor):
         self.busy = [0] * n_workers  # shares in flight per worker, for least-busy placement
         self.rotation = itertools.count()  # breaks ties so equal workers take turns
         self.probes = {}  # worker index -> ping sent after it failed; absent once it answers
+        self.prepared: set[int] = set()  # workers whose one-time work (readout calibration) is paid for
         self.lock = threading.Lock()
         self.failures = self.lost_shots = 0
 
     # --- the executor protocol -------------------------------------------------------------------
     def run(self, call: CircuitCall) -> ExecutionResult:
+        self._prepare_live()
         n = 1 if self.one_device else max(1, min(len(self.workers), call.circuits // self.min_share))
         shares = call.split(n)
         outs = self._run("run", [(c,) for c in shares], [(c.total_shots, self._seconds(c)) for c in shares])
@@ -132,17 +134,46 @@ class QuantumPool(Executor):
         while True:
             with self.lock:
                 turn, n = next(self.rotation), len(self.workers)
-                live = [k for k in range(n) if self._is_up(k)]
+                live = [k for k in range(n) if k in self.prepared and self._is_up(k)]
                 up = live if self.one_device else sorted(live, key=lambda k: (self.busy[k], (k - turn) % n))  # noqa: B023
                 if up:
                     k = next((k for k in up if k != avoid), up[0])
                     self.busy[k] += 1
                     return k
                 probes = list(self.probes.values())
+                waiting = any(k not in self.prepared and k not in self.probes for k in range(n))
+            if waiting:  # a worker that came back fresh is up but not calibrated yet: do that first
+                self._prepare_live()
+                continue
             if time.monotonic() > deadline:
                 raise PoolError(f"no quantum worker came back within {self.call_timeout_s} s")
             ray.wait(probes, num_returns=1, timeout=1.0)
             time.sleep(0.05)  # a restarting actor refuses pings at once: do not spin
+
+    def _prepare_live(self) -> None:
+        """Reserve, run and commit the one-time work (a readout calibration) of every live worker that has not
+        done it, before any call reaches it: its shots are charged like any circuit's, and a budget that cannot
+        pay for them refuses the call that needed them. A worker Ray restarted calibrates again, charged again."""
+        with self.lock:
+            live = [k for k in range(len(self.workers)) if self._is_up(k)]
+            # one device is served by its first live worker only (see _pick): the others need nothing yet
+            todo = [k for k in (live[:1] if self.one_device else live) if k not in self.prepared]
+        for k in todo:
+            cost = ray.get(self.workers[k].prepare_cost.remote(), timeout=self.call_timeout_s)
+            rid = self._reserve(cost)
+            try:
+                usage = ray.get(self.workers[k].prepare.remote(), timeout=self.call_timeout_s)
+            except (RayActorError, GetTimeoutError) as err:
+                self._lose(k, rid, cost[0], err)
+                continue
+            except Exception:
+                self._release(rid)
+                raise
+            if rid is not None:
+                ran = 0 if usage is None else usage.shots
+                self.ledger.commit(rid, min(ran, cost[0]), qpu_s=None if usage is None else usage.qpu_s)
+            with self.lock:
+                self.prepared.add(k)
 
     def _seconds(self, call: CircuitCall) -> float:
         """The QPU seconds a share is estimated to take (0 where nothing bills time)."""
@@ -240,6 +271,7 @@ class QuantumPool(Executor):
         with self.lock:
             self.failures += 1
             self.lost_shots += shots
+            self.prepared.discard(k)  # Ray starts a fresh actor: its one-time work is to do again
             if k not in self.probes:
                 self.probes[k] = self.workers[k].info.remote()
 

@@ -31,6 +31,12 @@ class QuantumWorker:
         timing = getattr(e, "qpu_time", None)
         return {"name": e.name, "exact": e.exact, "max_qubits": e.max_qubits, "pid": os.getpid(), "qpu_time": timing}
 
+    def prepare_cost(self) -> tuple[int, float]:
+        return self.executor.prepare_cost() if hasattr(self.executor, "prepare_cost") else (0, 0.0)
+
+    def prepare(self):
+        return self.executor.prepare() if hasattr(self.executor, "prepare") else None
+
     def run(self, call: CircuitCall):
         probs, usage = self.executor.run(call)  # checked where it entered: not here again
         return probs, usage

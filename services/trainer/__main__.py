@@ -16,6 +16,7 @@ import signal
 import sys
 
 from services.contract import events
+from services.contract.jobspec import POOL_WORKERS
 
 
 def connect(pool_workers: int) -> None:
@@ -35,7 +36,7 @@ def main(argv=None) -> int:
     ap.add_argument("--spec", required=True, help="the job's JSON spec (services.contract.jobspec.JobSpec)")
     ap.add_argument("--storage", default=os.environ.get("QPEFT_STORAGE"), help="Ray Train storage_path")
     ap.add_argument("--max-failures", type=int, default=1, help="trainer-group restarts from the last checkpoint")
-    ap.add_argument("--pool-workers", type=int, default=2, help="quantum workers (each takes one 'qpu')")
+    ap.add_argument("--pool-workers", type=int, default=POOL_WORKERS, help="quantum workers (each takes one 'qpu')")
     args = ap.parse_args(argv)
 
     from pydantic import ValidationError
