@@ -15,6 +15,7 @@ CHOICES = {
     "quantum_grad": ("per_backward", "per_step"),
     "mapping": ("default", "reference"),
     "layout": ("target", "rows"),
+    "p_mode": ("feature", "scale"),
     "activation": ACTIVATIONS,
 }
 
@@ -39,6 +40,9 @@ class QPAConfig(AdapterConfig):
         N + 1, so its B x w activations, and with them the generated block, are of higher effective rank;
         "triples" adds the products of every three too;
         "random" re-draws the bits every call, as the reference code does.
+    p_mode: how p~ enters. "feature" (the reference's): p~_i is one MLP input beside state i's bits.
+        "scale": the MLP sees the bits alone and its output row for state i is multiplied by (1 + p~_i), so
+        the QNN sets each state's share of the update directly instead of being one input the MLP may ignore.
     gamma, beta, alpha: post-processing p~ = (beta tanh(gamma 2^(N-1) p))^alpha - mean.
     executor, executor_options: where circuits run, a spec for qpeft_core.quantum.registry.make_backend.
     gradient, shots: the gradient strategy ("auto": autograd when exact, else parameter-shift); None = exact.
@@ -75,6 +79,7 @@ class QPAConfig(AdapterConfig):
     seed: int = 0
     mapping: str = "default"
     layout: str = "target"
+    p_mode: str = "feature"
 
     def __post_init__(self):
         super().__post_init__()
