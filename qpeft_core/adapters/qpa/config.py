@@ -43,6 +43,8 @@ class QPAConfig(AdapterConfig):
     p_mode: how p~ enters. "feature" (the reference's): p~_i is one MLP input beside state i's bits.
         "scale": the MLP sees the bits alone and its output row for state i is multiplied by (1 + p~_i), so
         the QNN sets each state's share of the update directly instead of being one input the MLP may ignore.
+        Measured on SST-2 (benchmarks/RESULTS.md, qpa_quantum_scale): no better than "feature", and the QNN
+        frozen or replaced by a constant costs nothing there either.
     gamma, beta, alpha: post-processing p~ = (beta tanh(gamma 2^(N-1) p))^alpha - mean.
     executor, executor_options: where circuits run, a spec for qpeft_core.quantum.registry.make_backend.
     gradient, shots: the gradient strategy ("auto": autograd when exact, else parameter-shift); None = exact.
