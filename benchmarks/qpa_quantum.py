@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/qpa_quantum.py [--seeds 0,1,2] [--steps 60] [--n-train 1920] [--batch-size 16]
         [--variants qpa,frozen,constant,lora_same,lora_r8,head] [--lr qpa=..,frozen=..,...]
-        [--bit-features index|pairs|triples|random] [--p-mode feature|scale] [--tag NAME] [--append-results]
+        [--bit-features index|pairs|triples|random] [--p-mode feature|scale] [--task sst2|e2e_family]
+        [--tag NAME] [--append-results]
     .venv/bin/python benchmarks/qpa_quantum.py --tune 1e-3,3e-3,1e-2,3e-2 [--tune-seeds 0]   # LR sweep
 
 all-MiniLM-L6-v2 with a new 2-way classifier head on GLUE SST-2; every variant trains the head (peft's SEQ_CLS
@@ -14,7 +15,10 @@ modules_to_save for LoRA, modules_to_save=["classifier"] for QPA) and adapts que
 - random_p: the QNN's output replaced by a fixed classical random distribution (Exp(1) entries normalised, the
   Porter-Thomas statistics of a deep random circuit; no executor): a QNN-free per-state code;
 - lora_same: LoRA at about QPA's trainable count (r=4: 36,864 vs QPA's ~35k); lora_r8: LoRA at the usual rank;
-- head: the classifier head alone, the encoder frozen.
+- head: the classifier head alone, the encoder frozen;
+- qpeft: Quantum-PEFT as benchmarks/qpeft_sst2.py configures it (K=32, L=4, scaling 16).
+--task e2e_family swaps SST-2 for a second binary task nobody tuned on (E2E NLG references labelled by
+familyFriendly yes/no), to check one learning rate per method, taken from the SST-2 sweep, untuned.
 One run per variant and seed of 2 x --steps steps (linear decay after a 10% warmup, clipping at 1), with the
 dev accuracy (all 872 rows) at --steps (horizon 1, mid-schedule) and at the end (horizon 2). The learning rate
 is each variant's own, one rate for all its parameters, chosen by --tune: every variant at every rate of the
