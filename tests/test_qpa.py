@@ -144,6 +144,46 @@ def test_generator_postprocessing_and_bits():
     assert not torch.equal(rand.features(p)[:, :3], rand.features(p)[:, :3])  # re-drawn each call
 
 
+def test_scale_mode_multiplies_each_row_by_one_plus_p_tilde():
+    """p_mode="scale": the MLP sees the bits alone (no p~ input), and state i's output row is scaled by
+    1 + p~_i, so the QNN's probabilities reach the generated weights however the MLP is trained."""
+    gen = QPAGenerator(m=100, n_mlp=20, layers=1, widths=[8], p_mode="scale")
+    assert gen.mlp[0].in_features == 3
+    p = torch.softmax(torch.randn(8), 0).requires_grad_(True)
+    feats = gen.features(p)
+    assert feats.tolist() == [[((i >> q) & 1) * 2 - 1 for q in range(3)] for i in range(5)]
+    rows = gen.mlp(feats) * (1 + gen.p_tilde(p))[:, None]
+    want = rows.flatten()[:100] - rows.flatten()[:100].mean()
+    out = gen(p)
+    assert torch.allclose(out, want)
+    out.square().sum().backward()
+    assert p.grad.abs().sum() > 0  # the angles get a gradient through the scale
+    uniform = torch.full((8,), 1 / 8)
+    plain = gen.mlp(feats).flatten()[:100]
+    assert torch.allclose(gen(uniform), plain - plain.mean())  # a constant p: p~ = 0, the bits-only MLP
+
+
+def test_scale_mode_budget_and_training():
+    """The default width accounts for the missing p~ input, and QPA with p_mode="scale" trains end to end."""
+    cfg = QPAConfig(target_modules=["lm_head"], r=4, n_mlp=2048, qnn_depth=8, p_mode="scale")
+    model = get_qpeft_model(Head(768, 50257), cfg)
+    (w,) = model.method.widths
+    n = model.get_nb_trainable_parameters()[0]
+    assert n == 56 + 8 * w + (w * 2048 + 2048) + 1 <= 0.5 * 204_100  # 7 bit inputs, no p~
+    model = get_qpeft_model(llama(), small(["q_proj", "v_proj", "lm_head"], p_mode="scale"))
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=2e-2)
+    losses = []
+    for _ in range(12):
+        loss = model(input_ids=IDS, labels=IDS).loss
+        loss.backward()
+        losses.append(loss.item())
+        opt.step()
+        opt.zero_grad()
+    assert losses[-1] < losses[0] - 0.05, losses
+    with pytest.raises(ValueError, match="p_mode"):
+        QPAConfig(target_modules=["lm_head"], p_mode="gate")
+
+
 def test_zero_probabilities_give_finite_gradients():
     gen = QPAGenerator(m=40, n_mlp=10, layers=1, widths=[8])
     p = torch.tensor([1.0, 0, 0, 0]).requires_grad_(True)

@@ -16,6 +16,7 @@ CHOICES = {
     "quantum_grad": ("per_backward", "per_step"),
     "mapping": ("default", "reference"),
     "layout": ("target", "rows"),
+    "p_mode": ("feature", "scale"),
     "activation": ACTIVATIONS,
 }
 
@@ -40,6 +41,11 @@ class QPAConfig(AdapterConfig):
         N + 1, so its B x w activations, and with them the generated block, are of higher effective rank;
         "triples" adds the products of every three too;
         "random" re-draws the bits every call, as the reference code does.
+    p_mode: how p~ enters. "feature" (the reference's): p~_i is one MLP input beside state i's bits.
+        "scale": the MLP sees the bits alone and its output row for state i is multiplied by (1 + p~_i), so
+        the QNN sets each state's share of the update directly instead of being one input the MLP may ignore.
+        Measured on SST-2 (benchmarks/RESULTS.md, qpa_quantum_scale): no better than "feature", and the QNN
+        frozen or replaced by a constant costs nothing there either.
     gamma, beta, alpha: post-processing p~ = (beta tanh(gamma 2^(N-1) p))^alpha - mean.
     executor, executor_options: where circuits run, a spec for qpeft_core.quantum.registry.make_backend, and
         its options; e.g. {"readout_mitigation": "mthree"} for aer-noisy:, fake-ibm: and ibm: executors.
@@ -89,6 +95,7 @@ class QPAConfig(AdapterConfig):
     layout: str = "target"
     quantum_update_every: int = 1
     warm_start_steps: int = 0
+    p_mode: str = "feature"
 
     def __post_init__(self):
         super().__post_init__()

@@ -24,16 +24,18 @@ BIT_ORDER = {"index": 1, "random": 1, "pairs": 2, "triples": 3}
 REFERENCE_WIDTHS = [32, 64, 128, 128, 64, 32, 32]  # the reference code's mapping MLP
 
 
-def n_inputs(n_qubits: int, bit_features: str) -> int:
-    """The MLP's inputs per state: its bit features and p~."""
-    return sum(math.comb(n_qubits, k) for k in range(1, BIT_ORDER[bit_features] + 1)) + 1
+def n_inputs(n_qubits: int, bit_features: str, p_mode: str = "feature") -> int:
+    """The MLP's inputs per state: its bit features, and p~ where p_mode="feature"."""
+    return sum(math.comb(n_qubits, k) for k in range(1, BIT_ORDER[bit_features] + 1)) + (p_mode == "feature")
 
 
-def budget_width(m: int, n_mlp: int, layers: int, extra: int, budget: float, bit_features: str = "index") -> int:
+def budget_width(
+    m: int, n_mlp: int, layers: int, extra: int, budget: float, bit_features: str = "index", p_mode: str = "feature"
+) -> int:
     """The width of one hidden layer that keeps all trainable numbers (N L angles, the MLP
     inputs -> w -> n_mlp, `extra` others) within budget * m. ValueError if not even width 1 fits."""
     n = plan(m, n_mlp)[1]
-    k = n_inputs(n, bit_features)
+    k = n_inputs(n, bit_features, p_mode)
     w = math.floor((budget * m - n * layers - extra - n_mlp) / (k + 1 + n_mlp))
     if w < 1:
         need = (n * layers + extra + n_mlp + k + 1 + n_mlp) / m
@@ -57,7 +59,9 @@ def resolve_widths(config, m: int, n_targets: int) -> list[int]:
     if config.mapping == "reference":
         return list(REFERENCE_WIDTHS)
     extra = n_gates(config, n_targets)
-    return [budget_width(m, config.n_mlp, config.qnn_depth, extra, config.param_budget, config.bit_features)]
+    return [
+        budget_width(m, config.n_mlp, config.qnn_depth, extra, config.param_budget, config.bit_features, config.p_mode)
+    ]
 
 
 def plan(m: int, n_mlp: int) -> tuple[int, int]:
@@ -82,16 +86,18 @@ class QPAGenerator(nn.Module):
         alpha: float = 0.15,
         last_layer_scale: float = 1.0,
         seed: int = 0,
+        p_mode: str = "feature",
     ):
         super().__init__()
         self.m, self.n_mlp = m, n_mlp
         self.n_states, self.n_qubits = plan(m, n_mlp)
         self.gamma, self.beta, self.alpha, self.bit_features = gamma, beta, alpha, bit_features
+        self.p_mode = p_mode
         n = self.n_qubits
         with torch.random.fork_rng(devices=[]):  # seeded init that leaves the caller's RNG alone
             torch.manual_seed(seed)
             self.theta = nn.Parameter(torch.rand(n * layers) * 2 * math.pi)
-            sizes = [n_inputs(n, bit_features), *widths, n_mlp]
+            sizes = [n_inputs(n, bit_features, p_mode), *widths, n_mlp]
             mods = []
             for k, (a, b) in enumerate(zip(sizes, sizes[1:], strict=False)):
                 mods.append(nn.Linear(a, b))
@@ -108,19 +114,28 @@ class QPAGenerator(nn.Module):
         self.register_buffer("products", torch.stack(products, 1) if products else None, persistent=False)
         self.rng = torch.Generator().manual_seed(seed)  # for bit_features="random"
 
-    def features(self, probs: torch.Tensor) -> torch.Tensor:
-        """[B, N + 1] MLP inputs from the probabilities [2^N] of every basis state."""
+    def p_tilde(self, probs: torch.Tensor) -> torch.Tensor:
+        """[B] post-processed probabilities of the first B basis states."""
         x = self.beta * torch.tanh(self.gamma * 2 ** (self.n_qubits - 1) * probs)
         x = x.clamp_min(POW_FLOOR) ** self.alpha
-        x = (x - x.mean())[: self.n_states]
+        return (x - x.mean())[: self.n_states]
+
+    def features(self, probs: torch.Tensor) -> torch.Tensor:
+        """[B, k] MLP inputs from the probabilities [2^N] of every basis state: the bit features, then p~
+        where p_mode="feature"."""
         if self.bit_features == "random":
-            bits = torch.randint(0, 2, self.bits.shape, generator=self.rng).to(x) * 2 - 1
+            bits = torch.randint(0, 2, self.bits.shape, generator=self.rng).to(probs) * 2 - 1
         elif self.products is not None:
-            bits = torch.cat([self.bits, self.products], 1).to(x)
+            bits = torch.cat([self.bits, self.products], 1).to(probs)
         else:
-            bits = self.bits.to(x)
-        return torch.cat([bits, x[:, None]], 1)
+            bits = self.bits.to(probs)
+        if self.p_mode == "scale":
+            return bits
+        return torch.cat([bits, self.p_tilde(probs)[:, None]], 1)
 
     def forward(self, probs: torch.Tensor) -> torch.Tensor:
-        out = self.mlp(self.features(probs).to(self.mlp[0].weight.dtype)).flatten()[: self.m]
+        rows = self.mlp(self.features(probs).to(self.mlp[0].weight.dtype))
+        if self.p_mode == "scale":
+            rows = rows * (1 + self.p_tilde(probs).to(rows.dtype))[:, None]
+        out = rows.flatten()[: self.m]
         return out - out.mean()

@@ -45,6 +45,7 @@ class QPAMethod(AdapterMethod):
             alpha=config.alpha,
             last_layer_scale=REFERENCE_LAST_LAYER_SCALE if config.mapping == "reference" else 1.0,
             seed=config.seed,
+            p_mode=config.p_mode,
         )
         # LoRA starts at B = 0; here B comes out of the same MLP as A, so a per-target gate on B does that job
         self.gate = nn.Parameter(torch.zeros(gates)) if gates else None
