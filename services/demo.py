@@ -77,9 +77,9 @@ def run_jobs(
     eval_data=None,
 ) -> dict:
     """The demo's jobs on the server `c` talks to with a tenant's key: `corpus` uploaded as `qpeft data upload`
-    does, a QPA job on Aer (shots, parameter shift) and one on the exact executor, each followed to its end, then
-    the exact job's LoRA artifact downloaded into `work` and used with plain transformers + peft.
-    `set_budget(shots)`, where the caller may set the tenant's budget, gets the Aer job's forecast first.
+    does, a shot-adaptive QPA job on a noisy fake IBM device and one on the exact executor, each followed to its
+    end, then the exact job's LoRA artifact downloaded into `work` and used with plain transformers + peft.
+    `set_budget(shots)`, where the caller may set the tenant's budget, gets the shot-based job's forecast first.
     Returns the summary: the data set, each job's (id, state, step, shots), the budget, perplexities, the sample."""
     import torch
     import transformers
@@ -119,7 +119,7 @@ def run_jobs(
         set_budget(shots_needed)
     else:
         left = c.get("/v1/budget").raise_for_status().json()["shots"]["remaining"]
-        console.print(f"the Aer job's forecast: {shots_needed:,} shots; your budget: {_shots(left)} left")
+        console.print(f"the shot-based job's forecast: {shots_needed:,} shots; your budget: {_shots(left)} left")
 
     jobs = []
     dashboard = f"{str(c.base_url).rstrip('/')}/dashboard/"
@@ -261,11 +261,11 @@ def run_service_demo(model: str, data_dir, device: str = "cpu", steps: int = 10,
             tenant = c.post("/v1/tenants", json={"name": "demo", "shots": None}, headers={"X-API-Key": admin})
             c.headers.update({"X-API-Key": tenant.raise_for_status().json()["api_key"]})
 
-            def set_budget(needed: int) -> None:  # twice the Aer job's forecast: enough for it, small enough to matter
+            def set_budget(needed: int) -> None:  # twice the shot job's forecast: enough for it, small enough to matter
                 budget = {"shots": 2 * needed}
                 c.put("/v1/tenants/demo/budget", json=budget, headers={"X-API-Key": admin}).raise_for_status()
                 console.print(
-                    f"tenant 'demo' with a budget of {2 * needed:,} shots (the Aer job's forecast: {needed:,})"
+                    f"tenant 'demo' with a budget of {2 * needed:,} shots (the shot-based job's forecast: {needed:,})"
                 )
 
             # The training text as a user has it: a TSV on their machine with a `text` column, one row per
