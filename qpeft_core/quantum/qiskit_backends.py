@@ -43,20 +43,17 @@ def fake_devices() -> dict[str, int]:
     return {name: b.configuration().n_qubits for name, b in _fake_backends().items()}
 
 
-@functools.cache
-def _fake_names() -> dict[str, tuple[str, int]]:
-    """Fake devices: class name -> (backend name, qubits)."""
-    return {cls_name: (b.name, b.configuration().n_qubits) for cls_name, b in _fake_backends().items()}
+def _find_fake(name: str):
+    """The catalogue's instance of a fake device by class name ('FakeManilaV2') or backend name
+    ('fake_manila'), any case; None for no such device."""
+    key = str(name).strip().lower()
+    return next((b for cls_name, b in _fake_backends().items() if key in (cls_name.lower(), b.name.lower())), None)
 
 
 def fake_device_qubits(name: str) -> int | None:
-    """Qubits of a fake device by class name ('FakeManilaV2') or backend name ('fake_manila'), any case;
-    None for no such device."""
-    key = name.strip().lower()
-    for cls_name, (backend_name, qubits) in _fake_names().items():
-        if key in (cls_name.lower(), backend_name.lower()):
-            return qubits
-    return None
+    """Qubits of a fake device named as fake_device takes; None for no such device."""
+    b = _find_fake(name)
+    return None if b is None else b.configuration().n_qubits
 
 
 def ansatz_seconds_per_shot(ansatz: Ansatz, device) -> float | None:
@@ -66,13 +63,12 @@ def ansatz_seconds_per_shot(ansatz: Ansatz, device) -> float | None:
 
 def fake_device(name: str):
     """A fresh fake device by class name ('FakeManilaV2') or backend name ('fake_manila'), any case."""
-    key = str(name).strip().lower()
-    for cls_name, b in _fake_backends().items():
-        if key in (cls_name.lower(), b.name.lower()):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)
-                return type(b)()
-    raise ValueError(f"unknown fake device {name!r}; available fake devices: {', '.join(_fake_backends())}")
+    b = _find_fake(name)
+    if b is None:
+        raise ValueError(f"unknown fake device {name!r}; available fake devices: {', '.join(_fake_backends())}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return type(b)()
 
 
 # ---------------------------------------------------------------- circuits, noise and timing
