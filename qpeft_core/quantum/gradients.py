@@ -38,6 +38,9 @@ class Autograd:
     def circuits(self, n_params: int) -> int:
         return 0  # no circuit runs: the simulator is differentiated
 
+    def calls_per_vjp(self, n_params: int, shots: int | None) -> int:
+        return 0
+
     def vjp(self, backend, thetas, grad_probs, shots=None):
         if shots is not None or not differentiable(backend):
             raise ValueError(
@@ -65,6 +68,9 @@ class ParameterShift:
 
     def circuits(self, n_params: int) -> int:
         return 2 * n_params
+
+    def calls_per_vjp(self, n_params: int, shots: int | None) -> int:
+        return 1  # executor calls (Runtime jobs) per VJP
 
     def vjp(self, backend, thetas, grad_probs, shots=None):
         thetas, shots, _ = check_call(backend, thetas, shots)
@@ -98,6 +104,9 @@ class SPSA:
 
     def circuits(self, n_params: int) -> int:
         return 2 * self.samples
+
+    def calls_per_vjp(self, n_params: int, shots: int | None) -> int:
+        return 1
 
     def vjp(self, backend, thetas, grad_probs, shots=None):
         thetas, shots, _ = check_call(backend, thetas, shots)
@@ -140,6 +149,17 @@ class ShotAdaptive:
     def circuits(self, n_params: int) -> int:
         return 2 * n_params
 
+    def levels(self, cap: int) -> list[int]:
+        """The shot counts an angle can get: min_shots x 2^k below the cap, and the cap."""
+        out = [min(self.min_shots, cap)]
+        while out[-1] < cap:
+            out.append(min(out[-1] * 2, cap))
+        return out
+
+    def calls_per_vjp(self, n_params: int, shots: int | None) -> int:
+        """At most one executor call per shot count used (the forecast's bound)."""
+        return min(n_params, len(self.levels(shots))) if shots else 0
+
     def allocation(self, n_params: int, cap: int) -> list[int]:
         """Shots per angle for the next call: min_shots until there is a gradient to scale by."""
         low = min(self.min_shots, cap)
@@ -150,13 +170,8 @@ class ShotAdaptive:
         if g2 <= 0 or float(sigma.sum()) <= 0:
             return [low] * n_params
         want = (self.snr * sigma * sigma.sum() / g2).tolist()
-        out = []
-        for n in want:
-            level = low
-            while level < n and level < cap:
-                level *= 2
-            out.append(min(level, cap))
-        return out
+        levels = self.levels(cap)
+        return [next((level for level in levels if level >= n), cap) for n in want]
 
     def vjp(self, backend, thetas, grad_probs, shots=None):
         thetas, cap, _ = check_call(backend, thetas, shots)

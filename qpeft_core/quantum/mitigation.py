@@ -24,6 +24,15 @@ READOUT_MITIGATIONS = ("mthree",)
 DEFAULT_CALIBRATION_SHOTS = 10_000  # mthree's own default; the balanced method runs twice that in all
 
 
+def calibration_size(n_qubits: int, shots: int) -> tuple[int, int]:
+    """(circuits, shots in all) of one calibration of n_qubits: mthree's balanced method runs L circuits (L from
+    its Hadamard generator for the qubit count) of ceil(2 x shots / L) shots each, in one job."""
+    from mthree.generators import HadamardGenerator
+
+    length = HadamardGenerator(n_qubits).length
+    return length, length * -(-2 * shots // length)
+
+
 def check_readout_mitigation(value, calibration_shots=None) -> None:
     """ValueError naming the option and the allowed values for anything but None/'none' or a known method."""
     if value not in (None, "none", *READOUT_MITIGATIONS):
@@ -76,16 +85,12 @@ class ReadoutMitigator:
         self.calibration: Usage | None = None  # what the calibration cost, once it ran
 
     def cost(self) -> tuple[int, float]:
-        """(shots, estimated QPU seconds) the calibration will take, known before it runs (a ledger reserves
-        them first): mthree's balanced method runs L circuits (L from its Hadamard generator for the qubit
-        count) of ceil(2 x shots / L) shots each, in one job. (0, 0.0) once it has run."""
+        """(shots, estimated QPU seconds) the calibration will take (calibration_size), known before it runs
+        so a ledger can reserve them first; (0, 0.0) once it has run."""
         if self.calibration is not None:
             return 0, 0.0
-        from mthree.generators import HadamardGenerator
-
-        length = HadamardGenerator(len(self.qubits)).length
-        shots = length * -(-2 * self.shots // length)
-        return shots, 0.0 if self._timing is None else self._timing.seconds(length, shots)
+        circuits, shots = calibration_size(len(self.qubits), self.shots)
+        return shots, 0.0 if self._timing is None else self._timing.seconds(circuits, shots)
 
     def calibrate(self, runtime_mode=None) -> Usage | None:
         """Run the calibration if it has not run yet (in `runtime_mode`, an open Runtime Session or Batch, on

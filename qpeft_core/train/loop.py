@@ -123,7 +123,7 @@ class Hooks:
 
 
 def lr_factor(cfg: TrainConfig):
-    """The LR multiplier per optimizer step, for LambdaLR (the Ray trainer uses it too). Not transformers'
+    """The LR multiplier per optimizer step, for LambdaLR Not transformers'
     get_scheduler: its warmup starts at 0, so the first optimizer step would not move the weights."""
 
     def factor(step: int) -> float:  # step = optimizer steps already taken

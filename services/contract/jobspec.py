@@ -385,13 +385,6 @@ def _config_error(method: str, message: str, fields: list[str]) -> PydanticCusto
     return _err("method_config", f"{where}: {message}")
 
 
-def fake_device_qubits(name: str) -> int | None:
-    """Qubits of a fake device by class name ('FakeManilaV2') or backend name ('fake_manila'); None if unknown."""
-    from qpeft_core.quantum.qiskit_backends import fake_device_qubits
-
-    return fake_device_qubits(name)
-
-
 def check_executor(spec: str) -> str:
     """The executor registry's parse (qpeft_core/quantum/registry.py), its message as the field's error."""
     from qpeft_core.quantum.registry import ExecutorSpec, ExecutorSpecError
@@ -591,6 +584,13 @@ class JobSpec(_Model):
         except (TypeError, ValueError) as e:
             raise _config_error(self.method, str(e), fields) from None
         return cfg
+
+    def resolved_gradient(self) -> str:
+        """The strategy the trainer uses: 'auto' resolved by qpeft_core's one rule for this executor."""
+        from qpeft_core.quantum.gradients import resolve_gradient
+        from qpeft_core.quantum.registry import ExecutorSpec
+
+        return resolve_gradient(self.gradient, ExecutorSpec.parse(self.executor).differentiable, self.shots)
 
     def adapter_config(self, cfg: dict | None = None):
         """The method's config dataclass (QPAConfig / QuantumPEFTConfig / LoRAConfig), top-level fields merged."""

@@ -15,18 +15,12 @@ import functools
 import json
 import math
 
-from qpeft_core.quantum.gradients import build_strategy, resolve_gradient
-from qpeft_core.quantum.mitigation import DEFAULT_CALIBRATION_SHOTS
+from qpeft_core.quantum.gradients import build_strategy
+from qpeft_core.quantum.mitigation import DEFAULT_CALIBRATION_SHOTS, calibration_size
 from qpeft_core.quantum.registry import ExecutorSpec
 from services.contract.jobspec import POOL_WORKERS, JobSpec, runs_circuits
 
 from .errors import ApiError
-
-
-def resolved_gradient(spec: JobSpec) -> str:
-    """The strategy the trainer will use: 'auto' resolved by qpeft_core's one rule, for the spec's executor."""
-    differentiable = ExecutorSpec.parse(spec.executor).differentiable
-    return resolve_gradient(spec.gradient, differentiable, spec.shots)
 
 
 @functools.lru_cache(maxsize=32)
@@ -89,7 +83,7 @@ def warm_up_qiskit() -> None:
 
 def forecast(spec: JobSpec, usd_per_qpu_second: float | None = None) -> dict:
     steps = spec.max_steps
-    gradient = resolved_gradient(spec)
+    gradient = spec.resolved_gradient()
     base = {
         "method": spec.method,
         "executor": spec.executor,
@@ -137,7 +131,8 @@ def forecast(spec: JobSpec, usd_per_qpu_second: float | None = None) -> dict:
     _, n_qubits = plan(m, n_mlp)
     params = n_qubits * depth
     options = spec.gradient_options if gradient == spec.gradient else {}
-    grad_circuits = build_strategy(gradient, options).circuits(params)
+    strategy = build_strategy(gradient, options)
+    grad_circuits = strategy.circuits(params)
     # The trainer takes one gradient call per update: at step indices i = k j - 1 (quantum_update_every = k), on
     # the executor once i >= warm_start_steps. Each update moves the angles, which the next step's forward (or
     # the final checkpoint) measures, on the executor once that step is past the warm start; the very first
@@ -154,24 +149,16 @@ def forecast(spec: JobSpec, usd_per_qpu_second: float | None = None) -> dict:
     circuits = forwards + updates * grad_circuits
     total = circuits * shots
     # A readout-mitigated executor calibrates once per quantum worker that serves it (one for a device, whose
-    # calls stick to one worker; every worker of a simulator pool): mthree's balanced method, L circuits of
-    # ceil(2 x calibration shots / L) shots, one job each (qpeft_core/quantum/mitigation.py).
+    # calls stick to one worker; every worker of a simulator pool), one job each (mitigation.calibration_size).
     cal_workers, cal_circuits, cal_shots = 0, 0, 0
     if spec.executor_options.get("readout_mitigation") not in (None, "none"):
-        from mthree.generators import HadamardGenerator
-
-        length = HadamardGenerator(n_qubits).length
         per = spec.executor_options.get("readout_calibration_shots") or DEFAULT_CALIBRATION_SHOTS
         cal_workers = 1 if ExecutorSpec.parse(spec.executor).one_device else POOL_WORKERS
-        cal_circuits, cal_shots = cal_workers * length, cal_workers * length * -(-2 * per // length)
+        cal_circuits, cal_shots = (cal_workers * n for n in calibration_size(n_qubits, per))
     circuits, total = circuits + cal_circuits, total + cal_shots
-    # Executor calls, each one Runtime job: a forward, and per update one gradient call (shot_adaptive: one per
-    # shot count it picks, at most one per power of two between min_shots and shots, or per angle).
-    jobs_per_update = 1
-    if gradient == "shot_adaptive" and shots:
-        low = min(build_strategy(gradient, options).min_shots, shots)
-        jobs_per_update = min(params, 1 + math.ceil(math.log2(shots / low)))
-    jobs = forwards + updates * jobs_per_update + cal_workers
+    # Executor calls, each one Runtime job: a forward, and per update the strategy's calls (shot_adaptive: at
+    # most one per shot count it can pick)
+    jobs = forwards + updates * strategy.calls_per_vjp(params, shots) + cal_workers
     base["jobs"] = jobs
     if ExecutorSpec.parse(spec.executor).kind.qpu_time is not None:
         try:

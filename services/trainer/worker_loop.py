@@ -25,8 +25,6 @@ from accelerate.utils import set_seed
 
 from qpeft_core.adapters import get_qpeft_model
 from qpeft_core.quantum.backend import CircuitCall, ExecutionRefused, ExecutionResult, Executor, Usage
-from qpeft_core.quantum.gradients import resolve_gradient
-from qpeft_core.quantum.registry import ExecutorSpec
 from qpeft_core.train import TrainConfig, load_data, load_model, make_lora_model, train
 from qpeft_core.train.loop import Hooks
 from services.contract import events
@@ -36,9 +34,7 @@ from services.contract.jobspec import JobSpec, runs_circuits
 def uses_pool(spec: JobSpec) -> bool:
     """Whether the job's circuits run on the quantum pool: a method that runs circuits, unless its gradient
     is autograd, which differentiates the exact simulator in the trainer's own process."""
-    if not runs_circuits(spec.method):
-        return False
-    return resolve_gradient(spec.gradient, ExecutorSpec.parse(spec.executor).differentiable, spec.shots) != "autograd"
+    return runs_circuits(spec.method) and spec.resolved_gradient() != "autograd"
 
 
 class Say:
