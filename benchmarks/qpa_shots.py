@@ -32,10 +32,10 @@ import statistics
 import time
 
 import common
-from common import append_results, command_line, load_avg, save_json, table
+from common import append_results, command_line, fit, load_avg, save_json, table
 
 from qpeft_core import QPAConfig, get_qpeft_model
-from qpeft_core.train import TrainConfig, cls_examples, evaluate, load_model, read_labeled, train
+from qpeft_core.train import cls_examples, evaluate, load_model, read_labeled
 
 TARGETS = ["query", "value"]
 DEFAULT_QPA = {"r": 8, "n_mlp": 2048, "qnn_depth": 4}
@@ -92,17 +92,16 @@ def main():
         model = get_qpeft_model(model, cfg)
         if freeze:
             model.method.generator.theta.requires_grad_(False)
-        tc = TrainConfig(
-            max_steps=args.steps,
+        res = fit(
+            model,
+            tok,
+            train_data,
+            steps=args.steps,
             batch_size=args.batch_size,
             lr=args.lr,
-            warmup_steps=max(1, args.steps // 10),
             seed=seed,
             device=args.device,
-            progress=False,
         )
-        t0 = time.perf_counter()
-        train(model, tok, train_data, config=tc)
         acc = evaluate(model, dev, 64)["accuracy"]
         usage = model.method.usage
         row = {
@@ -113,7 +112,7 @@ def main():
             "shots": usage.shots,
             "circuits": usage.circuits,
             "calls": dict(model.method.calls),
-            "train_s": time.perf_counter() - t0,
+            "train_s": res["train_s"],
             "load_avg": load_avg(),
         }
         print(f"{name} seed={seed} acc={acc:.4f} shots={usage.shots:,} ({row['train_s']:.0f} s, load {load_avg()})")

@@ -48,6 +48,19 @@ def gpt2():
 IDS = torch.randint(0, 128, (4, 10), generator=torch.Generator().manual_seed(0))
 
 
+def fit_ids(model, steps: int = 12, lr: float = 2e-2) -> list[float]:
+    """Adam on IDS for `steps` steps; the loss of each."""
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=IDS, labels=IDS).loss
+        loss.backward()
+        losses.append(loss.item())
+        opt.step()
+        opt.zero_grad()
+    return losses
+
+
 def small(targets=("lm_head",), **kw):
     return QPAConfig(target_modules=list(targets), **{"r": 2, "n_mlp": 64, "qnn_depth": 2, **kw})
 
@@ -171,14 +184,7 @@ def test_scale_mode_budget_and_training():
     n = model.get_nb_trainable_parameters()[0]
     assert n == 56 + 8 * w + (w * 2048 + 2048) + 1 <= 0.5 * 204_100  # 7 bit inputs, no p~
     model = get_qpeft_model(llama(), small(["q_proj", "v_proj", "lm_head"], p_mode="scale"))
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=2e-2)
-    losses = []
-    for _ in range(12):
-        loss = model(input_ids=IDS, labels=IDS).loss
-        loss.backward()
-        losses.append(loss.item())
-        opt.step()
-        opt.zero_grad()
+    losses = fit_ids(model)
     assert losses[-1] < losses[0] - 0.05, losses
     with pytest.raises(ValueError, match="p_mode"):
         QPAConfig(target_modules=["lm_head"], p_mode="gate")
@@ -254,14 +260,7 @@ def test_adam_reduces_loss_and_trains_angles(gradient):
     model = get_qpeft_model(llama(), small(["q_proj", "v_proj", "lm_head"], gradient=gradient))
     gen = model.method.generator
     theta0, w0 = gen.theta.detach().clone(), gen.mlp[0].weight.detach().clone()
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=2e-2)
-    losses = []
-    for _ in range(12):
-        loss = model(input_ids=IDS, labels=IDS).loss
-        loss.backward()
-        losses.append(loss.item())
-        opt.step()
-        opt.zero_grad()
+    losses = fit_ids(model)
     model(input_ids=IDS, labels=IDS).loss.backward()
     assert gen.theta.grad is not None and gen.theta.grad.abs().sum() > 0
     assert losses[-1] < losses[0] - 0.05, losses

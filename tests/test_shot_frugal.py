@@ -11,7 +11,7 @@ from qpeft_core import get_qpeft_model  # noqa: I001  (after the test helpers it
 from qpeft_core.quantum.ansatz import qpa_ansatz
 from qpeft_core.quantum.backend import TorchBackend
 from qpeft_core.quantum.gradients import QNN, SPSA, Autograd, ShotAdaptive, build_strategy
-from tests.test_qpa import IDS, llama, small
+from tests.test_qpa import IDS, CountingBackend, llama, small
 
 ANSATZ = qpa_ansatz(3, 2)
 
@@ -108,18 +108,6 @@ def test_options_are_checked_by_name():
     assert isinstance(qnn.strategy, ShotAdaptive) and qnn.strategy.min_shots == 4
 
 
-class Counting(TorchBackend):
-    """Exact simulator recording the size of each call: 1 = a forward, 2P = a parameter-shift gradient."""
-
-    def __init__(self, ansatz):
-        super().__init__(ansatz, dtype=torch.float64)
-        self.batches = []
-
-    def run(self, call):
-        self.batches.append(call.circuits)
-        return super().run(call)
-
-
 def train_steps(model, steps, accum=2):
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     thetas = []
@@ -136,7 +124,7 @@ def train_steps(model, steps, accum=2):
 def test_quantum_update_period_updates_angles_every_k_steps_from_the_mean_gradient():
     cfg = dict(quantum_grad="per_step", gradient="parameter_shift")
     model = get_qpeft_model(llama(), small(["q_proj", "lm_head"], quantum_update_every=3, **cfg))
-    backend = Counting(model.method.ansatz)
+    backend = CountingBackend(model.method.ansatz)
     model.method.set_executor(backend)
     with torch.no_grad():
         model.method.gate.fill_(1.0)
@@ -151,7 +139,7 @@ def test_quantum_update_period_updates_angles_every_k_steps_from_the_mean_gradie
 def test_warm_start_runs_the_first_steps_exactly_then_the_executor():
     cfg = dict(quantum_grad="per_step", gradient="parameter_shift", warm_start_steps=2)
     model = get_qpeft_model(llama(), small(["q_proj", "lm_head"], **cfg))
-    backend = Counting(model.method.ansatz)
+    backend = CountingBackend(model.method.ansatz)
     model.method.set_executor(backend)
     with torch.no_grad():
         model.method.gate.fill_(1.0)
