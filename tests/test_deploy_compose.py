@@ -182,9 +182,10 @@ class LocalCompose:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def submit_tiny_qpa(client, admin_key: str, max_steps: int) -> tuple[dict, dict]:
+def submit_tiny_qpa(client, admin_key: str, max_steps: int, **training) -> tuple[dict, dict]:
     """A tenant made with the admin key, then a short QPA job on Aer with shots: (the tenant's key header, job)."""
-    spec = {**SPEC, "max_steps": max_steps, "shots": 64, "training": {"batch_size": 4, "eval_max_batches": 1}}
+    spec = {**SPEC, "max_steps": max_steps, "shots": 64}
+    spec["training"] = {"batch_size": 4, "eval_max_batches": 1, **training}
     spec["dataset"] = {"train": "tinyshakespeare", "limit": 200, "max_length": 32, "eval_limit": 8}
     r = client.post("/v1/tenants", json={"name": "acme", "shots": 10**6}, headers={"X-API-Key": admin_key})
     assert r.status_code == 201, r.text

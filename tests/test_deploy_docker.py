@@ -41,21 +41,18 @@ from tests.test_deploy_compose import COMPOSE, SHARED, pg_schema, submit_tiny_qp
 
 ROOT = Path(__file__).resolve().parents[1]
 HOST_OVERRIDE = ROOT / "deploy" / "docker" / "compose.host.yml"
-WHEELS = ROOT / "build" / "wheels"
+# Outside the checkout, so that a fresh clone on the same machine (CI) finds the wheels of the last run.
+WHEELS = Path(os.environ.get("QPEFT_WHEELHOUSE") or Path.home() / ".cache" / "qpeft" / "wheels")
 IMAGE = "qpeft:test"
 BASE = os.environ.get("QPEFT_TEST_BASE_IMAGE", "qpeft-base:bookworm")
 ADMIN = "docker-test-admin"
 STACK = ["ray-head", "trainer-worker", "quantum-worker-aer", "api"]  # postgres: the machine's own
 
-# Opt-in for now: on a 2-core machine a cold image build takes about 28 min (base, wheels, build) and the
-# stack's Ray nodes in containers have not yet come up reliably under load, so the kill-and-recover check
-# has not passed once. `QPEFT_DOCKER_TEST=1 .venv/bin/python -m pytest -q -s tests/test_deploy_docker.py`.
+# Part of `make test` wherever an engine runs or can be started. QPEFT_DOCKER_TEST=0 skips it (a developer's
+# quick run); a cold run (base image, wheels, image) adds minutes, see docs/deploy.md.
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(
-        os.environ.get("QPEFT_DOCKER_TEST") != "1",
-        reason="the Docker end-to-end test is opt-in (QPEFT_DOCKER_TEST=1): cold build ~28 min, not yet green here",
-    ),
+    pytest.mark.skipif(os.environ.get("QPEFT_DOCKER_TEST") == "0", reason="QPEFT_DOCKER_TEST=0 skips it"),
 ]
 
 
@@ -257,6 +254,16 @@ class Stack:
         script = "import psutil\nfor p in psutil.process_iter(['cmdline']): print(' '.join(p.info['cmdline'] or []))"
         return run("docker", "exec", self.container(service), "python", "-c", script).stdout.splitlines()
 
+    def kill_process(self, service: str, argument: str) -> None:
+        """SIGKILL the one process in the service's container that has `argument` on its command line."""
+        script = (
+            "import psutil, sys\n"
+            "ps = [p for p in psutil.process_iter(['cmdline']) if sys.argv[1] in (p.info['cmdline'] or [])]\n"
+            "assert len(ps) == 1, [p.info['cmdline'] for p in ps]\n"
+            "ps[0].kill()"
+        )
+        run("docker", "exec", self.container(service), "python", "-c", script, argument)
+
     def logs(self) -> str:
         return self.compose("logs", "--no-color", "--tail", "60", check=False).stdout
 
@@ -319,10 +326,10 @@ def test_image_and_compose_stack_survive_a_dead_quantum_worker(image, pg_schema)
         )
         assert [n.resources_total.get("qpu") for n in alive].count(2.0) == 1
 
-        max_steps = 6
+        max_steps = 8
         api = f"http://127.0.0.1:{stack.ports['QPEFT_API_PORT']}"
         with httpx.Client(base_url=api, timeout=30) as c:
-            key, job = submit_tiny_qpa(c, ADMIN, max_steps)
+            key, job = submit_tiny_qpa(c, ADMIN, max_steps, save_every=1)
 
             def status():
                 return c.get(f"/v1/jobs/{job['id']}", headers=key).json()
@@ -344,8 +351,14 @@ def test_image_and_compose_stack_survive_a_dead_quantum_worker(image, pg_schema)
             assert len(qpu_nodes) == 1 and on == qpu_nodes, (qpu_nodes, workers)
 
             killed_at = status()
-            assert killed_at["state"] == "RUNNING" and killed_at["step"] < max_steps, killed_at
+            assert killed_at["state"] == "RUNNING" and killed_at["step"] < max_steps - 3, killed_at
             run("docker", "kill", stack.container("quantum-worker-aer"))  # SIGKILL: no goodbye to Ray
+            # then the job's driver (the Ray job entrypoint, in the head's container), two steps later: the
+            # control plane must resubmit it from its last checkpoint as attempt 2
+            wait_for(lambda: status()["step"] >= killed_at["step"] + 2, timeout=900, interval=1, what="two more steps")
+            driver_killed_at = status()
+            assert driver_killed_at["state"] == "RUNNING" and driver_killed_at["step"] < max_steps, driver_killed_at
+            stack.kill_process("ray-head", f"/var/lib/qpeft/jobs/{job['id']}/spec.json")
             final = wait_for(
                 lambda: (j := status())["state"] not in ("QUEUED", "RUNNING") and j,
                 timeout=900,
@@ -353,16 +366,24 @@ def test_image_and_compose_stack_survive_a_dead_quantum_worker(image, pg_schema)
                 what="the job after the quantum worker died",
             )
             assert final["state"] == "SUCCEEDED", f"{final['reason']}\n{stack.logs()}"
-            assert final["step"] == max_steps
+            assert (final["step"], final["attempt"]) == (max_steps, 2)
+            lines = [x["line"] for x in c.get(f"/v1/jobs/{job['id']}/logs?tail=1000", headers=key).json()["lines"]]
+            resumed = [int(x.rsplit(" ", 1)[1]) for x in lines if "resumed from the checkpoint of step" in x]
+            assert resumed and min(resumed) >= killed_at["step"], lines  # from a checkpoint, not from step 0
             # the container came back (restart: unless-stopped) and the pool's actors with it
             restarts = run("docker", "inspect", "-f", "{{.RestartCount}}", stack.container("quantum-worker-aer"))
             assert int(restarts.stdout) >= 1
 
         rows = ledger_rows(pg_schema, job["id"])
         shots = final["shots"]
-        print(f"killed at step {killed_at['step']}; shots {shots}; reservations {rows}")
+        print(
+            f"quantum worker killed at step {killed_at['step']}, driver at step {driver_killed_at['step']}; "
+            f"shots {shots}; reservations {rows}"
+        )
+        # every reservation settled; the job's counters are the pool's ledger rows, the dead attempt's open
+        # ones charged as lost, and the steps redone after the resume cost their shots again
         assert "open" not in rows and shots["reserved"] == 0
-        assert shots["spent"] == sum(rows.get("committed", [])) == job["shots"]["forecast"] > 0
+        assert shots["spent"] == sum(rows.get("committed", [])) >= job["shots"]["forecast"] > 0
         assert shots["lost"] == sum(rows.get("released", []))
     except BaseException:
         print(stack.logs())

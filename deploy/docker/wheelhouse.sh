@@ -22,7 +22,7 @@ deps=$dir/.requirements.txt
 "$python" deploy/docker/deps.py > "$deps"
 # shellcheck disable=SC2086  # $index is empty or two words
 "$python" -m pip download -q -d "$dir" $index -c requirements/lock.txt \
-  pip setuptools wheel torch -r "$deps"
+  pip setuptools wheel uv torch -r "$deps"
 "$python" -m pip download -q -d "$dir" --no-deps -r requirements/no-deps.txt
 rm "$deps"
 echo "$stamp" > "$dir/.inputs"
