@@ -254,6 +254,14 @@ class Stack:
         script = "import psutil\nfor p in psutil.process_iter(['cmdline']): print(' '.join(p.info['cmdline'] or []))"
         return run("docker", "exec", self.container(service), "python", "-c", script).stdout.splitlines()
 
+    def crash(self, service: str) -> None:
+        """SIGKILL the container's init from the host, as the kernel's OOM killer or a crash would: no goodbye to
+        Ray. Not `docker kill`, which Docker counts as a manual stop: `restart: unless-stopped` would leave the
+        container down (seen in the first real run)."""
+        pid = int(run("docker", "inspect", "-f", "{{.State.Pid}}", self.container(service)).stdout)
+        assert pid > 0, f"{service} is not running"
+        os.kill(pid, signal.SIGKILL)
+
     def kill_process(self, service: str, argument: str) -> None:
         """SIGKILL the one process in the service's container that has `argument` on its command line."""
         script = (
@@ -352,7 +360,7 @@ def test_image_and_compose_stack_survive_a_dead_quantum_worker(image, pg_schema)
 
             killed_at = status()
             assert killed_at["state"] == "RUNNING" and killed_at["step"] < max_steps - 3, killed_at
-            run("docker", "kill", stack.container("quantum-worker-aer"))  # SIGKILL: no goodbye to Ray
+            stack.crash("quantum-worker-aer")
             # then the job's driver (the Ray job entrypoint, in the head's container), two steps later: the
             # control plane must resubmit it from its last checkpoint as attempt 2
             wait_for(lambda: status()["step"] >= killed_at["step"] + 2, timeout=900, interval=1, what="two more steps")

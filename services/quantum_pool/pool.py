@@ -134,14 +134,17 @@ class QuantumPool(Executor):
         while True:
             with self.lock:
                 turn, n = next(self.rotation), len(self.workers)
-                live = [k for k in range(n) if k in self.prepared and self._is_up(k)]
+                # every worker's ping is read, prepared or not: one that came back is unprepared (see _lose), and
+                # skipping its ping left it "down" until the deadline (all workers lost at once, seen on Docker)
+                answering = [k for k in range(n) if self._is_up(k)]
+                live = [k for k in answering if k in self.prepared]
                 up = live if self.one_device else sorted(live, key=lambda k: (self.busy[k], (k - turn) % n))  # noqa: B023
                 if up:
                     k = next((k for k in up if k != avoid), up[0])
                     self.busy[k] += 1
                     return k
                 probes = list(self.probes.values())
-                waiting = any(k not in self.prepared and k not in self.probes for k in range(n))
+                waiting = any(k not in self.prepared for k in answering)
             if waiting:  # a worker that came back fresh is up but not calibrated yet: do that first
                 self._prepare_live()
                 continue

@@ -21,6 +21,7 @@ from pathlib import Path
 import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from qpeft_core.quantum.backend import CircuitCall, Usage
 from services.contract import events
@@ -28,6 +29,14 @@ from services.contract.ledger import BudgetExhausted, InMemoryLedger
 from services.quantum_pool import QuantumPool
 
 from .worker_loop import train_loop_per_worker, uses_pool
+
+
+def on_driver_node() -> NodeAffinitySchedulingStrategy:
+    """Where the job's own actors (event box, pool service) run: beside the driver. With 0 CPUs they would fit on
+    any node, a quantum worker's included, and die with it: on Docker the event box went down with the Aer
+    container and the job's events stopped (seen in the first real compose run). The driver's node going down
+    ends the job anyway; the control plane then resubmits it."""
+    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
 
 
 @ray.remote(num_cpus=0)
@@ -180,7 +189,9 @@ class TrainerRun:
             make = functools.partial(
                 build_ledger, os.environ.get("QPEFT_DATABASE_URL"), self.ledger_key, spec.shot_limit
             )
-        self.pool = PoolService.remote(spec.executor, spec.executor_options, self.pool_workers, make, self.ledger_key)
+        self.pool = PoolService.options(scheduling_strategy=on_driver_node()).remote(
+            spec.executor, spec.executor_options, self.pool_workers, make, self.ledger_key
+        )
 
     def _stop_pool(self) -> dict | None:
         if self.pool is None:
@@ -210,7 +221,7 @@ class TrainerRun:
         spec = self.spec
         if uses_pool(spec):
             self._start_pool()
-        box = EventBox.remote()
+        box = EventBox.options(scheduling_strategy=on_driver_node()).remote()
         done = threading.Event()
         pump = threading.Thread(target=self._pump, args=(box, done), daemon=True)
         pump.start()
