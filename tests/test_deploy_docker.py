@@ -265,8 +265,9 @@ class Stack:
     def kill_process(self, service: str, argument: str) -> None:
         """SIGKILL the one process in the service's container that has `argument` on its command line."""
         script = (
-            "import psutil, sys\n"
-            "ps = [p for p in psutil.process_iter(['cmdline']) if sys.argv[1] in (p.info['cmdline'] or [])]\n"
+            "import os, psutil, sys\n"
+            "ps = [p for p in psutil.process_iter(['cmdline']) if sys.argv[1] in (p.info['cmdline'] or [])"
+            " and p.pid != os.getpid()]\n"
             "assert len(ps) == 1, [p.info['cmdline'] for p in ps]\n"
             "ps[0].kill()"
         )
