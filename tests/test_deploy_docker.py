@@ -5,14 +5,15 @@ Where no engine runs, this installs Debian's docker.io and docker-compose (as ro
 without a bridge, stopping it by its PID at the end; it skips, naming the reason, where that is refused.
 The base image is the debootstrapped one (deploy/docker/make-base.sh; QPEFT_TEST_BASE_IMAGE picks another)
 and every wheel comes from deploy/docker/wheelhouse.sh's directory served on 127.0.0.1, so the build asks
-no registry or index. The built image (qpeft:test) and build/wheels stay for the next run: the build's
-dependency layers are cached, only changed code rebuilds.
+no registry or index. The built image (qpeft:test) and the wheel directory (~/.cache/qpeft/wheels) stay for
+the next run: the build's dependency layers are cached, only changed code rebuilds.
 
 The stack: Ray head, trainer worker, Aer quantum worker and API, with this machine's PostgreSQL (a fresh
 schema) for the `postgres` service. A QPA job on Aer goes through the API; its quantum workers must run in
-the quantum-worker container, which is then killed mid-job: the job must still succeed, with the shots of
-the dead attempts charged as lost exactly as the pool's ledger rows say. Teardown leaves no container,
-volume or process of its own.
+the quantum-worker container, which then crashes mid-job (Docker restarts it), and two steps later the job's
+driver is killed in the head's container: the job must still succeed, as attempt 2 resumed from a checkpoint,
+with the shots of dead work charged as lost exactly as the pool's ledger rows say. Teardown leaves no
+container, volume or process of its own.
 """
 
 from __future__ import annotations
@@ -145,7 +146,7 @@ def serve(directory: Path, port: int):
 
 @pytest.fixture(scope="module")
 def image(docker_engine):
-    """qpeft:test built from the working tree on the offline base, with the wheels from build/wheels."""
+    """qpeft:test built from the working tree on the offline base, with the wheels from WHEELS."""
     if image_id(BASE) is None:
         if BASE != "qpeft-base:bookworm":
             run("docker", "pull", BASE, timeout=600)
