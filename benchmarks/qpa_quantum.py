@@ -119,6 +119,8 @@ def run(variant, seed, lr, args, tok, train_data, eval_data, steps, eval_every):
         seed=seed,
         device=args.device,
         progress=False,
+        # the head is the same classical layer in every variant: --head-lr gives it one rate across methods
+        lr_scale={"classifier": args.head_lr / lr} if args.head_lr else {},
     )
     t0 = time.perf_counter()
     res = train(model, tok, train_data, eval_data, config=cfg)
@@ -175,6 +177,9 @@ def main():
     ap.add_argument("--qnn-depth", type=int, default=8)
     ap.add_argument("--bit-features", choices=("index", "pairs", "triples", "random"), default="index")
     ap.add_argument("--p-mode", choices=("feature", "scale"), default="feature", help="QPAConfig.p_mode")
+    ap.add_argument(
+        "--head-lr", type=float, default=None, help="the classifier head's own rate (default: the variant's)"
+    )
     ap.add_argument("--tag", default="", help="a suffix for the result file and RESULTS.md section")
     ap.add_argument("--tune", default=None, help="comma-separated LRs: sweep every variant on held-out train rows")
     ap.add_argument("--tune-seeds", default="0")
@@ -302,6 +307,7 @@ Best: {", ".join(f"{v}={lr:g}" for v, lr in best.items())}""")
         {"args": vars(args), "env": env, "lrs": lrs, "rows": results, "summary": summary_rows, "gaps": gaps},
     )
     if args.append_results:
+        head_note = f"; the head at {args.head_lr:g} in every variant" if args.head_lr else ""
         append_results(f"""## {name}
 
 `{command_line()}` ({env["date"][:10]}, {env["device"]}, {env["torch_threads"]} torch thread(s), load average at
@@ -311,7 +317,7 @@ all-MiniLM-L6-v2 + a new 2-way classifier head (trained in every variant), query
 {task_text}, batch {args.batch_size}, one run of {h2} steps per variant and seed (seeds {args.seeds}),
 accuracy at step {h1} (mid-schedule) and {h2} (end). QPA: r={args.qpa_r}, n_mlp={args.n_mlp}, {args.qnn_depth}
 QNN blocks, bit_features={args.bit_features}, p_mode={args.p_mode}, exact
-simulator. lr: each variant's own, from the tuning sweep. "adapter" excludes the head's numbers.
+simulator. lr: each variant's own, from the tuning sweep{head_note}. "adapter" excludes the head's numbers.
 
 {tab}
 
