@@ -95,9 +95,25 @@ def lm_metrics(model, data: dict, eval_tokens: int, batch_size: int = 4) -> dict
 
 # ---------------------------------------------------------------- training
 def fit(
-    model, tok, train_data, *, steps, batch_size, lr, seed, device, warmup=None, schedule="linear", lr_scale=None
+    model,
+    tok,
+    train_data,
+    *,
+    steps,
+    batch_size,
+    lr,
+    seed,
+    device,
+    warmup=None,
+    schedule="linear",
+    lr_scale=None,
+    eval_data=None,
+    eval_every=0,
+    eval_tokens=None,
 ) -> dict:
-    """Train in place with the project's loop; returns wall time and the loss of the first/last tenth."""
+    """Train in place with the project's loop; returns wall time and the loss of the first/last tenth, and with
+    eval_data, its standard perplexity (over eval_tokens targets) every eval_every steps and at the end, as
+    "ppl": {step: ppl}. The evaluations' time is in train_s."""
     cfg = TrainConfig(
         max_steps=steps,
         batch_size=batch_size,
@@ -105,6 +121,9 @@ def fit(
         lr_scale=lr_scale or {},
         warmup_steps=max(1, steps // 10) if warmup is None else warmup,
         schedule=schedule,
+        eval_every=eval_every,
+        eval_batch_size=4,  # lm_metrics' batch
+        eval_max_tokens=eval_tokens,
         seed=seed,
         device=device,
         progress=False,
@@ -114,22 +133,85 @@ def fit(
     def progress(event):  # a line every 10% of the steps, to follow long runs in their log
         if event["event"] == "log" and event["step"] % max(1, steps // 10) == 0:
             elapsed = time.perf_counter() - t0
-            print(f"  step {event['step']}/{steps} loss {event['loss']:.4f} {elapsed:.0f} s", flush=True)
+            ppl = f" ppl {event['eval_ppl']:.3f}" if "eval_ppl" in event else ""
+            print(f"  step {event['step']}/{steps} loss {event['loss']:.4f}{ppl} {elapsed:.0f} s", flush=True)
 
-    res = train(model, tok, train_data, config=cfg, step_callback=progress)
+    res = train(model, tok, train_data, eval_data, config=cfg, step_callback=progress)
     wall = time.perf_counter() - t0
     losses = [r["loss"] for r in res.history]
     tenth = max(1, len(losses) // 10)
-    return {
+    out = {
         "train_s": wall,
         "loss_first": statistics.fmean(losses[:tenth]),
         "loss_last": statistics.fmean(losses[-tenth:]),
     }
+    if eval_data is not None:
+        out["ppl"] = {r["step"]: r["eval_ppl"] for r in res.history if "eval_ppl" in r}
+        # train_s holds the evaluations too; a step's own time, without them (median: the first steps warm up)
+        out["step_s"] = statistics.median(r["step_s"] for r in res.history)
+    return out
 
 
 def adapter_params(model) -> int:
     """Trainable numbers of a PEFT or qpeft model (tied weights once)."""
     return model.get_nb_trainable_parameters()[0]
+
+
+def mean_std(xs) -> tuple[float, float]:
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+# ---------------------------------------------------------------- QPA ablations (issue 16)
+ABLATIONS = ("frozen", "constant", "random_p")
+
+
+def qpa_ablate(peft, variant: str, seed: int):
+    """A fresh QPA model (get_qpeft_model's) as one of the ablations, in place; "qpa" leaves it as it is.
+    - frozen: the QNN's angles kept at their random init (theta.requires_grad False);
+    - constant: the QNN's output replaced by the uniform distribution, no executor at all: p~ is then 0 for
+      every state, so the mapping MLP sees the bits alone;
+    - random_p: the QNN's output replaced by a fixed classical random distribution (Exp(1) entries normalised,
+      the Porter-Thomas statistics of a deep random circuit; no executor): a QNN-free per-state code."""
+    if variant == "qpa":
+        return peft
+    if variant not in ABLATIONS:
+        raise ValueError(f"unknown QPA ablation {variant!r}; one of qpa, {', '.join(ABLATIONS)}")
+    method = peft.method
+    method.generator.theta.requires_grad_(False)
+    if variant in ("constant", "random_p"):
+        dim = 2**method.n_qubits
+        if variant == "constant":
+            fixed = torch.full((dim,), 1.0 / dim)
+        else:
+            g = torch.Generator().manual_seed(1000 + seed)
+            fixed = -torch.log(torch.rand(dim, generator=g))
+            fixed = fixed / fixed.sum()
+        fixed = fixed.to(method.generator.theta.device)
+        method.quantum_probs = lambda: fixed  # the executor never runs
+    return peft
+
+
+def ablation_tables(rows, variants, keys, gap, gap_col, digits: int, ref: str = "qpa"):
+    """rows: one dict per variant and seed. Returns (summary, gaps, means): per variant, "mean ± std" over
+    seeds of each key; if ref was run, per variant the mean ± std over seeds of gap(ref's value, the variant's
+    value) for each key, under gap_col(key); and {(variant, key): mean}. The gaps are paired by seed because
+    the same seed means the same initialisation and data order, so they are tighter than the spreads."""
+    base = {r["seed"]: r for r in rows if r["variant"] == ref}
+    summary, gaps, means = [], [], {}
+    for v in variants:
+        mine = {r["seed"]: r for r in rows if r["variant"] == v}
+        row, g = {"variant": v}, {"variant": v}
+        for k in keys:
+            m, sd = mean_std([r[k] for r in mine.values()])
+            means[(v, k)] = m
+            row[k] = f"{m:.{digits}f} ± {sd:.{digits}f}"
+            if base:
+                m, sd = mean_std([gap(base[seed][k], r[k]) for seed, r in mine.items()])
+                g[gap_col(k)] = f"{m:+.2f} ± {sd:.2f}"
+        summary.append(row)
+        if base:
+            gaps.append(g)
+    return summary, gaps, means
 
 
 # ---------------------------------------------------------------- timing
@@ -227,13 +309,17 @@ def command_line() -> str:
 
 
 # ---------------------------------------------------------------- causal LM comparisons (WikiText-2)
-def lm_args(ap: argparse.ArgumentParser, steps: int, targets: str) -> None:
+def lm_args(ap: argparse.ArgumentParser, steps: int, targets: str, one_run: bool = True) -> None:
+    """The model, data and horizon options; one_run adds --seed and the LR sweep's options (a benchmark over
+    several seeds with rates from earlier sweeps has neither)."""
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--targets", default=targets, help="comma-separated module names, the same for every method")
     ap.add_argument("--steps", type=int, default=steps, help="optimizer steps per method")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--block", type=int, default=128, help="tokens per training example")
     ap.add_argument("--eval-tokens", type=int, default=4096, help="test targets evaluated")
+    if not one_run:
+        return
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
         "--tune",
@@ -243,6 +329,79 @@ def lm_args(ap: argparse.ArgumentParser, steps: int, targets: str) -> None:
     )
     ap.add_argument("--tune-steps", type=int, default=25)
     ap.add_argument("--tune-methods", default=None, help="comma-separated method names to sweep (default: all)")
+
+
+def lm_adapter_args(ap: argparse.ArgumentParser) -> None:
+    """qpa_wikitext.py's LoRA baseline and QPA options, with the defaults its sweeps chose; lm_lora and lm_qpa
+    build from them, so every WikiText-2 QPA benchmark adapts the same way."""
+    ap.add_argument("--r", type=int, default=4, help="LoRA's rank (the baseline)")
+    ap.add_argument(
+        "--qpa-r", type=int, default=None, help="rank of the LoRA factors QPA generates (default: --r); alpha = 2 r"
+    )
+    # defaults from the sweeps in benchmarks/results/qpa_wikitext_tune.json (25 steps, held-out valid tail; QPA:
+    # 3e-2 was best for the old seven-layer MLP, 2e-2 for one wide layer, where 3e-2 diverges)
+    ap.add_argument("--lora-lr", type=float, default=1e-2)
+    ap.add_argument("--qpa-lr", type=float, default=2e-2)
+    ap.add_argument("--n-mlp", type=int, default=2048)
+    ap.add_argument("--qnn-depth", type=int, default=8)
+    ap.add_argument("--layout", choices=("target", "rows"), default="target", help="QPAConfig.layout")
+    ap.add_argument(
+        "--widths", default=None, help="mapping MLP hidden widths, e.g. 64,128,160 (default: one layer, --param-budget)"
+    )
+    ap.add_argument("--param-budget", type=float, default=0.5, help="QPAConfig.param_budget, when --widths is not set")
+    ap.add_argument("--mapping", choices=("default", "reference"), default="default")
+    ap.add_argument("--activation", default="gelu")
+    ap.add_argument("--bit-features", choices=("index", "pairs", "triples", "random"), default="index")
+    ap.add_argument(
+        "--qpa-lr-scale", default="", help="QPA's per-parameter LR multipliers, e.g. gate=10 (TrainConfig.lr_scale)"
+    )
+
+
+def lm_lora(args, seed: int, r: int | None = None):
+    """LoRA on args.targets of a fresh args.model, rank r (default --r), alpha 2 r."""
+    from qpeft_core.train import load_model, make_lora_model
+
+    r = r or args.r
+    model, _ = load_model(args.model, device=args.device)
+    return make_lora_model(model, args.targets.split(","), r=r, alpha=2 * r, seed=seed)
+
+
+def lm_qpa(args, seed: int):
+    """QPA on args.targets of a fresh args.model, configured by lm_adapter_args' options (exact simulator)."""
+    from qpeft_core import QPAConfig, get_qpeft_model
+    from qpeft_core.train import load_model
+
+    qpa_r = args.qpa_r or args.r
+    model, _ = load_model(args.model, device=args.device)
+    cfg = QPAConfig(
+        target_modules=args.targets.split(","),
+        r=qpa_r,
+        lora_alpha=2 * qpa_r,
+        n_mlp=args.n_mlp,
+        qnn_depth=args.qnn_depth,
+        quantum_grad="per_step",
+        seed=seed,
+        layout=args.layout,
+        mapping=args.mapping,
+        activation=args.activation,
+        bit_features=args.bit_features,
+        param_budget=args.param_budget,
+        **({"mapping_widths": [int(w) for w in args.widths.split(",")]} if args.widths else {}),
+    )
+    return get_qpeft_model(model, cfg)
+
+
+def qpa_info(peft) -> dict:
+    """What lm_qpa's configuration resolved to, for the result files and RESULTS.md."""
+    m = peft.method
+    return {
+        "qubits": m.n_qubits,
+        "states": m.generator.n_states,
+        "widths": m.widths,
+        "mapping": m.config.mapping,
+        "layout": m.config.layout,
+        "activation": m.config.activation,
+    }
 
 
 def parse_lr_scale(text: str | None) -> dict:

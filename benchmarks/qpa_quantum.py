@@ -34,7 +34,6 @@ import statistics
 import time
 
 import common
-import torch
 from common import adapter_params, append_results, command_line, load_avg, save_json, save_tune, table
 
 from qpeft_core import QPAConfig, QuantumPEFTConfig, get_qpeft_model
@@ -89,21 +88,7 @@ def build(variant: str, seed: int, args):
         modules_to_save=["classifier"],
         seed=seed,
     )
-    peft = get_qpeft_model(model, cfg)
-    method = peft.method
-    if variant != "qpa":
-        method.generator.theta.requires_grad_(False)
-    if variant in ("constant", "random_p"):
-        dim = 2**method.n_qubits
-        if variant == "constant":
-            fixed = torch.full((dim,), 1.0 / dim)
-        else:  # a classical stand-in: a fixed random distribution as spread out as a random circuit's
-            g = torch.Generator().manual_seed(1000 + seed)
-            fixed = -torch.log(torch.rand(dim, generator=g))  # Exp(1): Porter-Thomas, a deep random circuit's
-            fixed = fixed / fixed.sum()
-        fixed = fixed.to(method.generator.theta.device)
-        method.quantum_probs = lambda: fixed  # the executor never runs
-    return peft
+    return common.qpa_ablate(get_qpeft_model(model, cfg), variant, seed)
 
 
 def run(variant, seed, lr, args, tok, train_data, eval_data, steps, eval_every):
@@ -155,10 +140,6 @@ def e2e_family(data, n_train: int, n_heldout: int, n_eval: int, seed: int):
     pool, test = rows("devset.csv"), rows("testset_w_refs.csv")
     pool = random.Random(seed).sample(pool, n_train + n_heldout)
     return pool[:n_train], pool[n_train:], random.Random(seed).sample(test, min(n_eval, len(test)))
-
-
-def mean_std(xs):
-    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
 def main():
@@ -258,46 +239,31 @@ Best: {", ".join(f"{v}={lr:g}" for v, lr in best.items())}""")
     seeds = [int(s) for s in args.seeds.split(",")]
     h1, h2 = args.steps, 2 * args.steps
     results = [run(v, s, lrs[v], args, tok, train_data, dev, h2, h1) for s in seeds for v in variants]
-    summary_rows, means = [], {}
-    for v in variants:
-        mine = [r for r in results if r["variant"] == v]
-        row = {"variant": v, "adapter": mine[0]["adapter"], "head": mine[0]["head"], "lr": lrs[v]}
-        for h in (h1, h2):
-            m, sd = mean_std([r[f"acc@{h}"] for r in mine])
-            means[(v, h)] = (m, sd)
-            row[f"acc@{h}"] = f"{m:.4f} ± {sd:.4f}"
+    summary_rows, gaps, means = common.ablation_tables(
+        results,
+        variants,
+        [f"acc@{h}" for h in (h1, h2)],
+        gap=lambda qpa, it: 100 * (qpa - it),
+        gap_col=lambda k: f"qpa - it @{k[4:]} (points)",
+        digits=4,
+    )
+    for row in summary_rows:
+        mine = [r for r in results if r["variant"] == row["variant"]]
+        row.update(adapter=mine[0]["adapter"], head=mine[0]["head"], lr=lrs[row["variant"]])
         row["train_s"] = statistics.fmean(r["train_s"] for r in mine)
-        summary_rows.append(row)
-    gaps = []
-    if "qpa" in variants:
-        for v in variants:
-            g = {"variant": v}
-            for h in (h1, h2):
-                # per-seed paired differences: the same seed means the same head init and data order
-                diffs = [
-                    a[f"acc@{h}"] - b[f"acc@{h}"]
-                    for a, b in zip(
-                        [r for r in results if r["variant"] == "qpa"],
-                        [r for r in results if r["variant"] == v],
-                        strict=True,
-                    )
-                ]
-                m, sd = mean_std(diffs)
-                g[f"qpa - it @{h} (points)"] = f"{100 * m:+.2f} ± {100 * sd:.2f}"
-            gaps.append(g)
     cols = ["variant", "adapter", "head", "lr", f"acc@{h1}", f"acc@{h2}", "train_s"]
     tab = table(summary_rows, cols)
     gap_tab = table(gaps, ["variant", f"qpa - it @{h1} (points)", f"qpa - it @{h2} (points)"]) if gaps else ""
     print(tab)
     print(gap_tab)
 
-    def acc(v, h=h2):
-        return f"{means[(v, h)][0]:.4f}" if (v, h) in means else "-"
+    end = f"acc@{h2}"
+
+    def acc(v):
+        return f"{means[(v, end)]:.4f}" if (v, end) in means else "-"
 
     # the issue's quantum_gap: accuracy lost when the QNN is frozen at init (positive = training the QNN helps)
-    qgap = (
-        [means[("qpa", h2)][0] - means[("frozen", h2)][0]] if ("qpa", h2) in means and ("frozen", h2) in means else []
-    )
+    qgap = [means[("qpa", end)] - means[("frozen", end)]] if ("qpa", end) in means and ("frozen", end) in means else []
     keys = ["qpa", "frozen", "constant", "lora_same", "lora_r8", "head"]  # always; the others where run
     keys += [v for v in ("random_p", "qpeft") if v in variants]
     summary = f"{name} " + " ".join(f"{k}={acc(k)}" for k in keys)

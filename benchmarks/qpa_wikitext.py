@@ -19,74 +19,23 @@ from __future__ import annotations
 import common
 from common import append_results, command_line, lm_args, lm_compare, lm_tune, load_avg, save_json, save_tune, table
 
-from qpeft_core import QPAConfig, get_qpeft_model
-from qpeft_core.train import load_model, make_lora_model
-
 
 def main():
     ap = common.parser(__doc__)
     lm_args(ap, steps=80, targets="q_proj,v_proj")
-    ap.add_argument("--r", type=int, default=4, help="LoRA's rank (the baseline)")
-    ap.add_argument(
-        "--qpa-r", type=int, default=None, help="rank of the LoRA factors QPA generates (default: --r); alpha = 2 r"
-    )
-    # defaults from the sweeps in benchmarks/results/qpa_wikitext_tune.json (25 steps, held-out valid tail; QPA:
-    # 3e-2 was best for the old seven-layer MLP, 2e-2 for one wide layer, where 3e-2 diverges)
-    ap.add_argument("--lora-lr", type=float, default=1e-2)
-    ap.add_argument("--qpa-lr", type=float, default=2e-2)
-    ap.add_argument("--n-mlp", type=int, default=2048)
-    ap.add_argument("--qnn-depth", type=int, default=8)
-    ap.add_argument("--layout", choices=("target", "rows"), default="target", help="QPAConfig.layout")
-    ap.add_argument(
-        "--widths", default=None, help="mapping MLP hidden widths, e.g. 64,128,160 (default: one layer, --param-budget)"
-    )
-    ap.add_argument("--param-budget", type=float, default=0.5, help="QPAConfig.param_budget, when --widths is not set")
-    ap.add_argument("--mapping", choices=("default", "reference"), default="default")
-    ap.add_argument("--activation", default="gelu")
-    ap.add_argument("--bit-features", choices=("index", "pairs", "triples", "random"), default="index")
-    ap.add_argument(
-        "--qpa-lr-scale", default="", help="QPA's per-parameter LR multipliers, e.g. gate=10 (TrainConfig.lr_scale)"
-    )
+    common.lm_adapter_args(ap)
     args = ap.parse_args()
     common.setup(args)
-    targets = args.targets.split(",")
     qpa_r = args.qpa_r or args.r
-
-    def lora():
-        model, _ = load_model(args.model, device=args.device)
-        return make_lora_model(model, targets, r=args.r, alpha=2 * args.r, seed=args.seed)
 
     qpa_info = {}
 
     def qpa():
-        model, _ = load_model(args.model, device=args.device)
-        cfg = QPAConfig(
-            target_modules=targets,
-            r=qpa_r,
-            lora_alpha=2 * qpa_r,
-            n_mlp=args.n_mlp,
-            qnn_depth=args.qnn_depth,
-            quantum_grad="per_step",
-            seed=args.seed,
-            layout=args.layout,
-            mapping=args.mapping,
-            activation=args.activation,
-            bit_features=args.bit_features,
-            param_budget=args.param_budget,
-            **({"mapping_widths": [int(w) for w in args.widths.split(",")]} if args.widths else {}),
-        )
-        peft = get_qpeft_model(model, cfg)
-        qpa_info.update(
-            qubits=peft.method.n_qubits,
-            states=peft.method.generator.n_states,
-            widths=peft.method.widths,
-            mapping=cfg.mapping,
-            layout=cfg.layout,
-            activation=cfg.activation,
-        )
+        peft = common.lm_qpa(args, args.seed)
+        qpa_info.update(common.qpa_info(peft))
         return peft
 
-    builders = {"LoRA": lora, "QPA": qpa}
+    builders = {"LoRA": lambda: common.lm_lora(args, args.seed), "QPA": qpa}
     if args.tune:
         tuned = lm_tune(args, builders, {"QPA": common.parse_lr_scale(args.qpa_lr_scale)})
         print(table(tuned["rows"], ["method", "lr", "heldout_ppl", "loss_first", "loss_last", "train_s"]))
