@@ -129,18 +129,27 @@ def test_qnn_through_pool_trains_and_matches_local_gradient():
         assert qnn.usage.circuits > 0 and pool.stats()["failures"] == 0
 
 
+def call_killing(pool, pids: list[int]):
+    """A 32-circuit, 100-shot call split over the pool's workers, with `pids` SIGKILLed while both shares run:
+    the call's result and the seconds it took to come back after the kill."""
+    result = {}
+    call = threading.Thread(target=lambda: result.update(r=pool.probabilities(thetas(32), shots=100)))
+    call.start()
+    time.sleep(0.7)  # both shares are running now
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    t0 = time.monotonic()
+    call.join(timeout=120)
+    assert not call.is_alive(), "the call did not come back"
+    return result["r"], time.monotonic() - t0
+
+
 @ray_test
 def test_killed_worker_is_retried_charged_as_lost_and_restarted():
     led = InMemoryLedger({"job": 100_000})
     with QuantumPool(TestExecutor, ANSATZ, 2, {"delay_s": 1.5}, ledger=led, key="job", min_share=8) as pool:
         old = pool.worker_pids()
-        result = {}
-        call = threading.Thread(target=lambda: result.update(r=pool.probabilities(thetas(32), shots=100)))
-        call.start()
-        time.sleep(0.7)  # both shares are running now
-        os.kill(old[0], signal.SIGKILL)
-        call.join(timeout=60)
-        r = result["r"]
+        r, _ = call_killing(pool, old[:1])
         assert r.probs.shape == (32, 16) and torch.allclose(r.probs.sum(1), torch.ones(32, dtype=r.probs.dtype))
         assert r.usage.shots == 3200  # what the caller got is charged once
         acc = led.account("job")
@@ -159,16 +168,9 @@ def test_every_worker_killed_at_once_the_call_waits_for_their_restart():
     led = InMemoryLedger({"job": 100_000})
     with QuantumPool(TestExecutor, ANSATZ, 2, {"delay_s": 1.5}, ledger=led, key="job", min_share=8) as pool:
         old = pool.worker_pids()
-        result = {}
-        call = threading.Thread(target=lambda: result.update(r=pool.probabilities(thetas(32), shots=100)))
-        call.start()
-        time.sleep(0.7)
-        for pid in old:
-            os.kill(pid, signal.SIGKILL)
-        t0 = time.monotonic()
-        call.join(timeout=120)
-        assert not call.is_alive() and time.monotonic() - t0 < 60, "the call did not come back"
-        assert result["r"].usage.shots == 3200
+        r, waited = call_killing(pool, old)
+        assert waited < 60, "the call did not come back"
+        assert r.usage.shots == 3200
         acc = led.account("job")
         # both killed shares lost; a resend can fail once more while Ray's handle still points at the dead
         # process (ActorUnavailableError: it may or may not have run), and is charged as lost too
